@@ -1,0 +1,338 @@
+"""The op stack every implementation plugs into.
+
+    custom_vjp            gradients for q, k, v, scale and bias (recompute in the backward)
+      custom_vmap         folds a vmapped axis into the batch axis B
+        custom_partitioning   batch x head sharding (Shardy rule), no collectives in the forward
+          platform_dependent  cuda=fused FFI kernel (`_cuda`), default=blockwise XLA (`_xla`)
+
+Core contract, shared by `_xla` and `_cuda` (both see per-device arrays):
+  forward(q[B,T,N,H], k[B,S,K,H], v[B,S,K,Hv], scale[N] f32, bias?, mask?, q_len?, kv_len?)
+      -> out [B,T,N,Hv] in q's dtype, lse [B,N,T] f32 (natural log; -inf where a row has no key)
+  backward(do, q, k, v, out, lse, scale, ...)
+      -> dq_acc [B,T,N,H] f32 WITHOUT the scale factor, dk, dv, dbias f32 in the bias's shape
+  dq = scale * dq_acc and dscale = sum(q * dq_acc) are then formed here, in XLA.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import _cuda, _xla
+
+OPTIONALS = ("bias", "mask", "q_len", "kv_len")
+
+
+class Config(NamedTuple):
+    """Static description of one call; hashable, so it keys the cached op builders."""
+    is_causal: bool
+    groups: int
+    bounded: bool            # q, k are l2-normalised: |<q,k>| <= groups
+    implementation: str      # "xla" or "cuda" (resolved by the API)
+    deterministic: bool
+    present: tuple           # which of OPTIONALS are passed, in that order
+    bias_full: tuple | None  # per bias dim: True if full size, False if broadcast (size 1)
+    mask_full: tuple | None
+    need_dbias: bool
+
+
+def _unpack(cfg, opt):
+    got = dict(zip(cfg.present, opt))
+    return tuple(got.get(name) for name in OPTIONALS)
+
+
+def _use_kernel(cfg, q, k, v, bias, mask):
+    if cfg.implementation != "cuda":
+        return False
+    return _cuda.unsupported_reason(q.shape, k.shape, v.shape, q.dtype,
+                                    None if bias is None else bias.shape,
+                                    None if bias is None else bias.dtype,
+                                    None if mask is None else mask.shape) is None
+
+
+# ---------------------------------------------------------------- per-device compute
+
+def _local_fwd(cfg, q, k, v, scale, *opt):
+    bias, mask, q_len, kv_len = _unpack(cfg, opt)
+    xla = functools.partial(_xla.forward, is_causal=cfg.is_causal)
+    args = (q, k, v, scale, bias, mask, q_len, kv_len)
+    if not _use_kernel(cfg, q, k, v, bias, mask):
+        return xla(*args)
+    cuda = functools.partial(_cuda.fwd, causal=cfg.is_causal, groups=cfg.groups,
+                             bounded=cfg.bounded, deterministic=cfg.deterministic)
+    return jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
+
+
+def _local_bwd(cfg, do, q, k, v, out, lse, scale, *opt):
+    bias, mask, q_len, kv_len = _unpack(cfg, opt)
+    xla = functools.partial(_xla.backward, is_causal=cfg.is_causal, need_dbias=cfg.need_dbias)
+    args = (do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len)
+    if not _use_kernel(cfg, q, k, v, bias, mask):
+        res = xla(*args)
+    else:
+        cuda = functools.partial(_cuda.bwd, causal=cfg.is_causal, groups=cfg.groups,
+                                 bounded=cfg.bounded, need_dbias=cfg.need_dbias,
+                                 deterministic=cfg.deterministic)
+        res = jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
+    return tuple(r for r in res if r is not None)
+
+
+# ---------------------------------------------------------------- sharding
+
+def _head_factor(cfg_groups_of_heads):
+    return "(k g)" if cfg_groups_of_heads > 1 else "k"
+
+
+def _operand_rule(prefix, full, hq):
+    names = (("b", f"{prefix}b1"), (hq, f"{prefix}n1"), ("t", f"{prefix}t1"), ("s", f"{prefix}s1"))
+    return " ".join(n[0] if f else n[1] for n, f in zip(names, full))
+
+
+def _rules(cfg, G):
+    """Shardy rules for the forward and backward ops: only b and the heads may stay sharded."""
+    hq = _head_factor(G)
+    opt = []
+    for name in cfg.present:
+        if name == "bias":
+            opt.append(_operand_rule("x", cfg.bias_full, hq))
+        elif name == "mask":
+            opt.append(_operand_rule("m", cfg.mask_full, hq))
+        else:
+            opt.append("b")
+    qr, kr, vr = f"b t {hq} h", "b s k h", "b s k e"
+    fwd = ", ".join([qr, kr, vr, hq] + opt) + f" -> b t {hq} e, b {hq} t"
+    outs = [qr, kr, vr] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
+    bwd = (", ".join([f"b t {hq} e", qr, kr, vr, f"b t {hq} e", f"b {hq} t", hq] + opt)
+           + " -> " + ", ".join(outs))
+    sizes = {"g": G} if G > 1 else {}
+    return fwd, bwd, sizes
+
+
+def _spec(sharding, ndim):
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        return spec + (None,) * (ndim - len(spec))
+    return (None,) * ndim
+
+
+def _axes_size(mesh, axes):
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return size
+
+
+def _as_tuple(axes):
+    return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+
+
+def _plan(mesh, q_sharding, N, K):
+    """(batch axes, q-head axes, kv-head axes) this op keeps; everything else is replicated."""
+    b_axes, _, h_axes, _ = _spec(q_sharding, 4)
+    a = _axes_size(mesh, h_axes)
+    if h_axes is None or N % a:
+        return b_axes, None, None
+    if K % a == 0:
+        return b_axes, h_axes, h_axes
+    if K == 1:  # MQA: every local query head uses the one (replicated) kv head
+        return b_axes, h_axes, None
+    return b_axes, None, None
+
+
+def _operand_sharding(mesh, full, b_axes, h_axes):
+    spec = [b_axes if full[0] else None, h_axes if full[1] else None, None, None]
+    return NamedSharding(mesh, P(*spec))
+
+
+def _shardings(cfg, mesh, plan):
+    b, hq, hk = plan
+    ns = lambda *spec: NamedSharding(mesh, P(*spec))
+    q, kv, rows, heads = ns(b, None, hq, None), ns(b, None, hk, None), ns(b, hq, None), ns(hq)
+    opt = []
+    for name in cfg.present:
+        if name == "bias":
+            opt.append(_operand_sharding(mesh, cfg.bias_full, b, hq))
+        elif name == "mask":
+            opt.append(_operand_sharding(mesh, cfg.mask_full, b, hq))
+        else:
+            opt.append(ns(b))
+    return q, kv, rows, heads, opt
+
+
+def _psum(x, axes):
+    axes = tuple(a for a in axes)
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _fwd_partition(cfg, mesh, arg_shapes, result_shape):
+    N, K = arg_shapes[0].shape[2], arg_shapes[1].shape[2]
+    q, kv, rows, heads, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K))
+    return mesh, functools.partial(_local_fwd, cfg), (q, rows), (q, kv, kv, heads, *opt)
+
+
+def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
+    N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
+    plan = _plan(mesh, arg_shapes[1].sharding, N, K)
+    b, hq, hk = plan
+    q, kv, rows, heads, opt = _shardings(cfg, mesh, plan)
+    # Gradients of operands replicated over a sharded axis are partial sums on each device.
+    kv_sum = _as_tuple(hq) if hk is None else ()
+    dbias_sum = ()
+    outs = [q, kv, kv]
+    if cfg.need_dbias:
+        full = cfg.bias_full
+        dbias_sum = (() if full[0] else _as_tuple(b)) + (() if full[1] else _as_tuple(hq))
+        outs.append(opt[cfg.present.index("bias")])
+
+    def lower(*args):
+        res = list(_local_bwd(cfg, *args))
+        res[1], res[2] = _psum(res[1], kv_sum), _psum(res[2], kv_sum)
+        if cfg.need_dbias:
+            res[3] = _psum(res[3], dbias_sum)
+        return tuple(res)
+
+    return mesh, lower, tuple(outs), (q, q, kv, kv, q, rows, heads, *opt)
+
+
+def _fwd_infer(cfg, mesh, arg_shapes, result_shape):
+    N, K = arg_shapes[0].shape[2], arg_shapes[1].shape[2]
+    q, _, rows, _, _ = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K))
+    return q, rows
+
+
+def _bwd_infer(cfg, mesh, arg_shapes, result_shape):
+    N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
+    q, kv, _, _, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[1].sharding, N, K))
+    outs = [q, kv, kv] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
+    return tuple(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(kind, cfg, G):
+    fwd_rule, bwd_rule, sizes = _rules(cfg, G)
+    replicated = ("t", "s", "h", "e")
+    if kind == "fwd":
+        op = custom_partitioning(functools.partial(_local_fwd, cfg))
+        op.def_partition(partition=functools.partial(_fwd_partition, cfg),
+                         infer_sharding_from_operands=functools.partial(_fwd_infer, cfg),
+                         sharding_rule=fwd_rule,
+                         need_replication_factors=_in_rule_order(fwd_rule, replicated), **sizes)
+    else:
+        op = custom_partitioning(functools.partial(_local_bwd, cfg))
+        op.def_partition(partition=functools.partial(_bwd_partition, cfg),
+                         infer_sharding_from_operands=functools.partial(_bwd_infer, cfg),
+                         sharding_rule=bwd_rule,
+                         need_replication_factors=_in_rule_order(bwd_rule, replicated), **sizes)
+    return op
+
+
+def _in_rule_order(rule, factors):
+    """Shardy wants special factors listed in order of first appearance in the rule."""
+    seen = []
+    for token in rule.replace("(", " ").replace(")", " ").replace(",", " ").split():
+        if token in factors and token not in seen:
+            seen.append(token)
+    return tuple(seen)
+
+
+# ---------------------------------------------------------------- batching
+
+def _fold(x, batched, size):
+    """Merges a vmapped leading axis into the batch axis (broadcasting x first if unbatched)."""
+    if not batched:
+        x = jnp.broadcast_to(x, (size, *x.shape))
+    return x.reshape((size * x.shape[1], *x.shape[2:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _batched(kind, cfg, G):
+    sharded = _partitioned(kind, cfg, G)
+    names = (("do",) if kind == "bwd" else ()) + ("q", "k", "v") \
+        + (("out", "lse") if kind == "bwd" else ()) + ("scale",) + cfg.present
+
+    @jax.custom_batching.custom_vmap
+    def op(*arrays):
+        return tuple(sharded(*arrays))
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, *arrays):
+        shared_bias_grad = (kind == "bwd" and cfg.need_dbias and not in_batched[names.index("bias")]
+                            and arrays[names.index("bias")].shape[0] == 1)
+        if in_batched[names.index("scale")] or shared_bias_grad:
+            # A per-example scale cannot fold into B, nor can per-example gradients of a bias
+            # shared over the batch: map over the vmapped axis instead.
+            xs = tuple(a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                       for a, b in zip(arrays, in_batched))
+            outs = jax.lax.map(lambda x: op(*x), xs)
+            return outs, (True,) * len(outs)
+        B = arrays[names.index("q")].shape[1 if in_batched[names.index("q")] else 0]
+        expanded_bias = False
+        folded = []
+        for name, a, b in zip(names, arrays, in_batched):
+            if name == "scale" or (name in ("bias", "mask") and not b and a.shape[0] == 1):
+                folded.append(a)  # per head, or shared by every batch element: stays as is
+                continue
+            if name in ("bias", "mask") and b and a.shape[1] == 1 and B != 1:
+                a = jnp.broadcast_to(a, (axis_size, B, *a.shape[2:]))
+                expanded_bias |= name == "bias"
+            folded.append(_fold(a, b, axis_size))
+        inner = cfg._replace(**{f"{n}_full": tuple(d != 1 for d in folded[names.index(n)].shape)
+                                for n in ("bias", "mask") if n in names})
+        outs = _batched(kind, inner, G)(*folded)
+        outs = [o.reshape((axis_size, o.shape[0] // axis_size, *o.shape[1:])) for o in outs]
+        if kind == "bwd" and cfg.need_dbias and expanded_bias:
+            outs[3] = jnp.sum(outs[3], axis=1, keepdims=True)  # back to the bias's shared batch dim
+        return tuple(outs), (True,) * len(outs)
+
+    return op
+
+
+# ---------------------------------------------------------------- differentiation
+
+def attention_core(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    """Differentiable core: returns out [B,T,N,Hv]."""
+    return _core(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    out, _ = _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
+    return out
+
+
+def _present(bias, mask, q_len, kv_len):
+    return tuple(x for x in (bias, mask, q_len, kv_len) if x is not None)
+
+
+def _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    G = q.shape[2] // k.shape[2]
+    return _batched("fwd", cfg, G)(q, k, v, scale, *_present(bias, mask, q_len, kv_len))
+
+
+def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    out, lse = _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
+    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse)
+
+
+def _core_bwd(cfg, res, do):
+    q, k, v, scale, bias, mask, q_len, kv_len, out, lse = res
+    G = q.shape[2] // k.shape[2]
+    grads = _batched("bwd", cfg, G)(do, q, k, v, out, lse, scale,
+                                     *_present(bias, mask, q_len, kv_len))
+    dq_acc, dk, dv = grads[:3]
+    scale_f32 = scale.astype(jnp.float32)
+    dq = (dq_acc * scale_f32[None, None, :, None]).astype(q.dtype)
+    dscale = jnp.einsum("btnh,btnh->n", q.astype(jnp.float32), dq_acc).astype(scale.dtype)
+    dbias = None
+    if bias is not None:
+        dbias = grads[3].astype(bias.dtype) if cfg.need_dbias else jnp.zeros_like(bias)
+    return dq, dk, dv, dscale, dbias, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
