@@ -170,10 +170,19 @@ def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
+def _meshless(fn):
+    """The partitioner traces the per-device body while the user's (possibly Explicit) mesh is
+    still set; per-device code must not pick up that mesh's sharding constraints."""
+    def run(*args):
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            return fn(*args)
+    return run
+
+
 def _fwd_partition(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[0].shape[2], arg_shapes[1].shape[2]
     q, kv, rows, heads, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K))
-    return mesh, functools.partial(_local_fwd, cfg), (q, rows), (q, kv, kv, heads, *opt)
+    return mesh, _meshless(functools.partial(_local_fwd, cfg)), (q, rows), (q, kv, kv, heads, *opt)
 
 
 def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
@@ -197,7 +206,7 @@ def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
             res[3] = _psum(res[3], dbias_sum)
         return tuple(res)
 
-    return mesh, lower, tuple(outs), (q, q, kv, kv, q, rows, heads, *opt)
+    return mesh, _meshless(lower), tuple(outs), (q, q, kv, kv, q, rows, heads, *opt)
 
 
 def _fwd_infer(cfg, mesh, arg_shapes, result_shape):
@@ -320,6 +329,15 @@ def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
     return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse)
 
 
+def _same_sharding(x, like):
+    """x with like's dtype and (Explicit-mesh) sharding, as custom_vjp requires of cotangents."""
+    x = x.astype(like.dtype)
+    want = jax.typeof(like).sharding
+    if jax.typeof(x).sharding != want:
+        x = jax.sharding.reshard(x, want.spec)
+    return x
+
+
 def _core_bwd(cfg, res, do):
     q, k, v, scale, bias, mask, q_len, kv_len, out, lse = res
     G = q.shape[2] // k.shape[2]
@@ -328,7 +346,7 @@ def _core_bwd(cfg, res, do):
     dq_acc, dk, dv = grads[:3]
     scale_f32 = scale.astype(jnp.float32)
     dq = (dq_acc * scale_f32[None, None, :, None]).astype(q.dtype)
-    dscale = jnp.einsum("btnh,btnh->n", q.astype(jnp.float32), dq_acc).astype(scale.dtype)
+    dscale = _same_sharding(jnp.sum(q.astype(jnp.float32) * dq_acc, axis=(0, 1, 3)), scale)
     dbias = None
     if bias is not None:
         dbias = grads[3].astype(bias.dtype) if cfg.need_dbias else jnp.zeros_like(bias)

@@ -122,7 +122,6 @@ def forward(q, k, v, scale, bias, mask, q_len, kv_len, *, is_causal):
     L = _Layout(q, k, scale, bias, mask, q_len, kv_len, is_causal)
     qT, kT, vT = L.q_major(q), L.kv_major(k), L.kv_major(v)
     Hv = v.shape[-1]
-    row_shape = (L.B, L.K, L.G, L.bq)
 
     def q_block(i):
         t0 = i * L.bq
@@ -144,8 +143,9 @@ def forward(q, k, v, scale, bias, mask, q_len, kv_len, *, is_causal):
                             precision=_HIGHEST)
             return m_new, l, acc * alpha[..., None] + pv
 
-        init = (jnp.full(row_shape, -jnp.inf, _F32), jnp.zeros(row_shape, _F32),
-                jnp.zeros(row_shape + (Hv,), _F32))
+        # Carries derive from the data so they inherit its sharding (explicit meshes).
+        zero_rows = jnp.zeros_like(qi[..., 0], _F32)
+        init = (zero_rows - jnp.inf, zero_rows, zero_rows[..., None] + jnp.zeros((Hv,), _F32))
         m, l, acc = lax.fori_loop(0, L.key_block_end(t0), body, init)
         has_key = l > 0
         l_safe = jnp.where(has_key, l, 1.0)
@@ -196,7 +196,7 @@ def backward(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, *, is_caus
                                  preferred_element_type=_F32, precision=_HIGHEST)
             return dk, dv
 
-        init = (jnp.zeros(kj.shape, _F32), jnp.zeros(vj.shape, _F32))
+        init = (jnp.zeros_like(kj, _F32), jnp.zeros_like(vj, _F32))
         dk, dv = lax.fori_loop(L.query_block_start(s0), L.nq, body, init)
         return dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -229,8 +229,11 @@ def backward(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, *, is_caus
                     db = lax.dynamic_update_slice_in_dim(db, part, s0, 4)
             return g, db
 
-        init = (jnp.zeros((L.B, L.K, L.G, L.bq, L.H), _F32),
-                jnp.zeros(db_shape, _F32) if want_dbias else jnp.zeros((), _F32))
+        g0 = jnp.zeros_like(lax.dynamic_slice_in_dim(qT, t0, L.bq, 3), _F32)
+        db0 = jnp.zeros((), _F32)
+        if want_dbias:
+            db0 = jnp.zeros_like(lax.slice_in_dim(L.bias5, 0, db_shape[3], axis=3), _F32)
+        init = (g0, db0)
         return lax.fori_loop(0, L.key_block_end(t0), body, init)
 
     g_blocks, db_blocks = lax.map(q_block, jnp.arange(L.nq))
