@@ -1,0 +1,346 @@
+// Backward kernels (FA2 organisation, no dQ atomics):
+//  1. bwd_preprocess: delta = rowsum(dO * O) (f32) and lse2 = lse * log2e into the workspace.
+//  2. dq_kernel: per (query tile, head, batch), loops over key tiles, recomputes S and dP, writes
+//     dq_acc = dS K (unscaled, f32) with plain stores and dbias (store / atomic / ordered).
+//  3. dkdv_kernel: per (key tile, kv head, batch), loops over the G query heads of the group and
+//     the query tiles, dK and dV stay in registers: dV += P^T dO, dK += scale_n dS^T Q. No atomics,
+//     so dK/dV/dQ are deterministic by construction; only a broadcast dbias uses atomics (or the
+//     ordered mode when deterministic is requested).
+// P = 2^(s*scale*log2e + bias*log2e - lse2) is the normalised probability, so one path serves both
+// forward softmax variants. Rows with lse = -inf (no valid key) get lse2 = +inf -> P = 0.
+#pragma once
+#include "kernel_common.cuh"
+
+namespace jca {
+
+template <typename T>
+__global__ void bwd_preprocess(const Params p) {
+  const int warps = blockDim.x / 32;
+  const int64_t row = int64_t(blockIdx.x) * warps + threadIdx.x / 32;  // (b*T + t)*N + n
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = int64_t(p.B) * p.T * p.N;
+  if (row >= rows) return;
+  const int D = p.D;
+  const uint32_t* o = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.out) + row * D);
+  const uint32_t* d = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.dout) + row * D);
+  float acc = 0.f;
+  for (int i = lane; i < D / 2; i += 32) {
+    const float2 a = MmaOp<T>::unpack(o[i]), bb = MmaOp<T>::unpack(d[i]);
+    acc = fmaf(a.x, bb.x, fmaf(a.y, bb.y, acc));
+  }
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+  if (lane == 0) {
+    const int n = int(row % p.N);
+    const int64_t bt = row / p.N;
+    const int t = int(bt % p.T), b = int(bt / p.T);
+    const int64_t idx = (int64_t(b) * p.N + n) * p.T + t;
+    float* delta = static_cast<float*>(p.workspace);
+    float* lse2 = delta + rows;
+    delta[idx] = acc;
+    const float l = p.lse_in[idx];
+    lse2[idx] = (l == -INFINITY) ? INFINITY : l * kLog2e;
+  }
+}
+
+template <int D_, int NW_, int BC_, typename T_>
+struct DqTraits {
+  using T = T_;
+  static constexpr int D = D_, NW = NW_, BC = BC_;
+  static constexpr int BR = 16 * NW;
+  static constexpr int kThreads = 32 * NW;
+  static constexpr int kStride = D + 8;
+  static constexpr int kStageElems = BC * kStride;
+  static constexpr size_t kSmem = size_t(2) * 2 * kStageElems * sizeof(T);
+};
+
+template <class Tr>
+__device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b,
+                                        typename Tr::T* sK, typename Tr::T* sV) {
+  using T = typename Tr::T;
+  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, ST = Tr::kStride;
+  constexpr int KT = D / 16, NTS = BC / 8, NTO = D / 8;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int kh = n / p.hpk;
+  const int t0 = qtile * BR;
+  const int wr0 = t0 + warp * 16;
+  const int row0 = wr0 + g, row1 = row0 + 8;
+  const RowLimits L = make_limits(p, b);
+  const int lims[2] = {L(row0), L(row1)};
+  const int warp_min_lim = min(L(wr0), L(wr0 + 15));
+  const int cta_last = min(t0 + BR, L.qlen) - 1;
+  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
+  const int ntiles = (kv_end + BC - 1) / BC;
+
+  const int64_t qrow = int64_t(p.N) * D, krow = int64_t(p.KH) * D;
+  const int64_t qoff = int64_t(b) * p.T * qrow + int64_t(n) * D;
+  const T* kb = static_cast<const T*>(p.k) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  const T* vb = static_cast<const T*>(p.v) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+
+  if (ntiles > 0) {
+    load_tile<BC, D, Tr::kThreads>(sK, kb, krow, 0, p.S, tid);
+    load_tile<BC, D, Tr::kThreads>(sV, vb, krow, 0, p.S, tid);
+    cp_async_commit();
+  }
+  uint32_t qf[KT][4], df[KT][4];
+  load_a_global<KT>(qf, static_cast<const T*>(p.q) + qoff, qrow, wr0, p.T, lane);
+  load_a_global<KT>(df, static_cast<const T*>(p.dout) + qoff, qrow, wr0, p.T, lane);
+
+  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
+  const float* delta = static_cast<const float*>(p.workspace);
+  const float* lse2 = delta + rows_total;
+  const int rows[2] = {row0, row1};
+  float rl[2], rd[2];
+  const float* bias_r[2] = {nullptr, nullptr};
+  const uint8_t* mask_r[2] = {nullptr, nullptr};
+  float* dbias_r[2] = {nullptr, nullptr};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int t = min(rows[h], p.T - 1);
+    const int64_t ri = (int64_t(b) * p.N + n) * p.T + t;
+    rl[h] = lse2[ri];
+    rd[h] = delta[ri];
+    const int64_t bo = b * p.bias_sb + n * p.bias_sn + t * p.bias_st;
+    if (p.bias) bias_r[h] = p.bias + bo;
+    if (p.dbias) dbias_r[h] = p.dbias + bo;
+    if (p.mask) mask_r[h] = p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st;
+  }
+  const float c2 = p.scale[n] * kLog2e;
+
+  float dqacc[NTO][4];
+  zero_acc(dqacc);
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int stage = it & 1;
+    const int s0 = it * BC;
+    if (it + 1 < ntiles) {
+      load_tile<BC, D, Tr::kThreads>(sK + (stage ^ 1) * Tr::kStageElems, kb, krow, s0 + BC, p.S,
+                                     tid);
+      load_tile<BC, D, Tr::kThreads>(sV + (stage ^ 1) * Tr::kStageElems, vb, krow, s0 + BC, p.S,
+                                     tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_s = sK + stage * Tr::kStageElems;
+    const T* v_s = sV + stage * Tr::kStageElems;
+
+    float sacc[NTS][4], dpacc[NTS][4];
+    zero_acc(sacc);
+    zero_acc(dpacc);
+    gemm_rB_nt<KT, NTS>(sacc, qf, k_s, ST, lane);
+    gemm_rB_nt<KT, NTS>(dpacc, df, v_s, ST, lane);
+
+    const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+#pragma unroll
+    for (int j = 0; j < NTS; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int s = s0 + 8 * j + 2 * c + (e & 1);
+        bool ok = true;
+        if (need_check) {
+          ok = s < lims[h];
+          if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
+        }
+        float x = sacc[j][e] * c2;
+        if (p.bias && ok) x = fmaf(bias_r[h][s * p.bias_ss], kLog2e, x);
+        const float pv = ok ? ex2(x - rl[h]) : 0.f;
+        const float ds = pv * (dpacc[j][e] - rd[h]);
+        if (p.dbias_mode != DBiasMode::kNone && ok) {
+          float* dst = dbias_r[h] + s * p.bias_ss;
+          if (p.dbias_mode == DBiasMode::kStore) *dst = ds;
+          else if (p.dbias_mode == DBiasMode::kAtomic) atomicAdd(dst, ds);
+          else *dst += ds;
+        }
+        sacc[j][e] = ds;
+      }
+    }
+    uint32_t dsf[NTS / 2][4];
+    acc_to_a<NTS, T>(dsf, sacc);
+    gemm_rB_t<NTS / 2, NTO>(dqacc, dsf, k_s, ST, lane);
+    __syncthreads();
+  }
+
+  float* dqb = p.dq_acc + qoff;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (rows[h] < p.T) {
+      float2* drow = reinterpret_cast<float2*>(dqb + int64_t(rows[h]) * qrow);
+#pragma unroll
+      for (int j = 0; j < NTO; ++j) drow[4 * j + c] = make_float2(dqacc[j][2 * h], dqacc[j][2 * h + 1]);
+    }
+  }
+}
+
+// grid (qtiles, N or 1, B or 1). In DBiasMode::kOrdered, a CTA loops over the heads (if the bias
+// is broadcast over N) and batches (if broadcast over B) in a fixed order.
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
+  using T = typename Tr::T;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + 2 * Tr::kStageElems;
+  const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
+  const bool loop_n = ordered && p.bias_dims[1] == 1;
+  const bool loop_b = ordered && p.bias_dims[0] == 1;
+  const int nb = loop_b ? 0 : blockIdx.z, ne = loop_b ? p.B : blockIdx.z + 1;
+  const int n_b = loop_n ? 0 : blockIdx.y, n_e = loop_n ? p.N : blockIdx.y + 1;
+  for (int b = nb; b < ne; ++b)
+    for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV);
+}
+
+template <int D_, int NW_, int BRQ_, typename T_>
+struct DkvTraits {
+  using T = T_;
+  static constexpr int D = D_, NW = NW_, BRQ = BRQ_;
+  static constexpr int BCK = 16 * NW;  // keys per CTA, 16 per warp
+  static constexpr int kThreads = 32 * NW;
+  static constexpr int kStride = D + 8;
+  static constexpr int kKV = BCK * kStride;    // one K (or V) tile
+  static constexpr int kQS = BRQ * kStride;    // one Q (or dO) stage
+  static constexpr size_t kSmem =
+      (size_t(2) * kKV + size_t(4) * kQS) * sizeof(T) + size_t(4) * BRQ * sizeof(float);
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) dkdv_kernel(const Params p) {
+  using T = typename Tr::T;
+  using Op = MmaOp<T>;
+  constexpr int D = Tr::D, BRQ = Tr::BRQ, BCK = Tr::BCK, ST = Tr::kStride;
+  constexpr int KT = D / 16, NTQ = BRQ / 8, NTO = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + Tr::kKV;
+  T* sQ = sV + Tr::kKV;        // [2][BRQ][ST]
+  T* sO = sQ + 2 * Tr::kQS;    // dO, [2][BRQ][ST]
+  float* sL = reinterpret_cast<float*>(sO + 2 * Tr::kQS);  // lse2 [2][BRQ]
+  float* sDl = sL + 2 * BRQ;                                // delta [2][BRQ]
+
+  const int ktile = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int s0 = ktile * BCK;
+  const RowLimits L = make_limits(p, b);
+
+  const int64_t qrow = int64_t(p.N) * D, krow = int64_t(p.KH) * D;
+  const int64_t koff = int64_t(b) * p.S * krow + int64_t(kh) * D;
+  const T* qbase = static_cast<const T*>(p.q) + int64_t(b) * p.T * qrow;
+  const T* dobase = static_cast<const T*>(p.dout) + int64_t(b) * p.T * qrow;
+  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
+  const float* delta = static_cast<const float*>(p.workspace);
+  const float* lse2 = delta + rows_total;
+
+  int qt_begin = 0, nq = 0;
+  if (s0 < L.kvlen && L.qlen > 0) {
+    qt_begin = L.first_row(s0) / BRQ;
+    const int qt_end = (L.qlen + BRQ - 1) / BRQ;
+    nq = max(0, qt_end - qt_begin);
+  }
+  const int total = p.hpk * nq;
+
+  auto prefetch = [&](int it, int stage) {
+    const int gi = it / nq, qt = qt_begin + it % nq;
+    const int n = kh * p.hpk + gi;
+    const int tq0 = qt * BRQ;
+    load_tile<BRQ, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(n) * D, qrow, tq0, p.T,
+                                    tid);
+    load_tile<BRQ, D, Tr::kThreads>(sO + stage * Tr::kQS, dobase + int64_t(n) * D, qrow, tq0, p.T,
+                                    tid);
+    const int64_t ro = (int64_t(b) * p.N + n) * p.T;
+    for (int i = tid; i < 2 * BRQ; i += Tr::kThreads) {
+      const int r = i % BRQ;
+      const bool ok = tq0 + r < p.T;
+      const float* src = (i < BRQ ? lse2 : delta) + (ok ? ro + tq0 + r : 0);
+      cp_async4((i < BRQ ? sL : sDl) + stage * BRQ + r, src, ok);
+    }
+  };
+
+  if (total > 0) {
+    load_tile<BCK, D, Tr::kThreads>(sK, static_cast<const T*>(p.k) + koff, krow, s0, p.S, tid);
+    load_tile<BCK, D, Tr::kThreads>(sV, static_cast<const T*>(p.v) + koff, krow, s0, p.S, tid);
+    prefetch(0, 0);
+    cp_async_commit();
+  }
+
+  float dkacc[NTO][4], dvacc[NTO][4];
+  zero_acc(dkacc);
+  zero_acc(dvacc);
+  const int srow[2] = {s0 + warp * 16 + g, s0 + warp * 16 + g + 8};
+
+  for (int it = 0; it < total; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < total) {
+      prefetch(it + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int gi = it / nq, qt = qt_begin + it % nq;
+    const int n = kh * p.hpk + gi;
+    const int tq0 = qt * BRQ;
+    const float sc = p.scale[n];
+    const float c2 = sc * kLog2e;
+    const T* q_s = sQ + stage * Tr::kQS;
+    const T* o_s = sO + stage * Tr::kQS;
+    const float* l_s = sL + stage * BRQ;
+    const float* d_s = sDl + stage * BRQ;
+
+    float sacc[NTQ][4], dpacc[NTQ][4];
+    zero_acc(sacc);
+    zero_acc(dpacc);
+    gemm_sA_nt<KT, NTQ>(sacc, sK + warp * 16 * ST, q_s, ST, lane);   // S^T = K Q^T
+    gemm_sA_nt<KT, NTQ>(dpacc, sV + warp * 16 * ST, o_s, ST, lane);  // dP^T = V dO^T
+
+    const bool need_check = p.mask != nullptr || tq0 + BRQ > L.qlen || s0 + BCK > L.kvlen ||
+                            (p.causal && s0 + BCK - 1 > tq0 + p.S - p.T);
+    const int64_t bo = b * p.bias_sb + n * p.bias_sn;
+    const int64_t mo = b * p.mask_sb + n * p.mask_sn;
+#pragma unroll
+    for (int j = 0; j < NTQ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = srow[e >> 1];
+        const int tl = 8 * j + 2 * c + (e & 1);
+        const int t = tq0 + tl;
+        bool ok = true;
+        if (need_check) {
+          ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
+          if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+        }
+        float x = sacc[j][e] * c2;
+        if (p.bias && ok) x = fmaf(p.bias[bo + t * p.bias_st + s * p.bias_ss], kLog2e, x);
+        const float pv = ok ? ex2(x - l_s[tl]) : 0.f;
+        const float ds = pv * (dpacc[j][e] - d_s[tl]);
+        sacc[j][e] = pv;
+        dpacc[j][e] = ds * sc;
+      }
+    }
+    uint32_t pf[NTQ / 2][4];
+    acc_to_a<NTQ, T>(pf, sacc);
+    gemm_rB_t<NTQ / 2, NTO>(dvacc, pf, o_s, ST, lane);  // dV += P^T dO
+    acc_to_a<NTQ, T>(pf, dpacc);
+    gemm_rB_t<NTQ / 2, NTO>(dkacc, pf, q_s, ST, lane);  // dK += (scale dS)^T Q
+    __syncthreads();
+  }
+
+  T* dkb = static_cast<T*>(p.dk) + koff;
+  T* dvb = static_cast<T*>(p.dv) + koff;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (srow[h] < p.S) {
+      uint32_t* kr = reinterpret_cast<uint32_t*>(dkb + int64_t(srow[h]) * krow);
+      uint32_t* vr = reinterpret_cast<uint32_t*>(dvb + int64_t(srow[h]) * krow);
+#pragma unroll
+      for (int j = 0; j < NTO; ++j) {
+        kr[4 * j + c] = Op::pack(dkacc[j][2 * h], dkacc[j][2 * h + 1]);
+        vr[4 * j + c] = Op::pack(dvacc[j][2 * h], dvacc[j][2 * h + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace jca

@@ -1,0 +1,53 @@
+// Dtype / head-dim dispatch of the plain C++ launch API (cuda/jca.h).
+#include "launch.h"
+#include "launch_template.cuh"
+
+namespace jca {
+
+bool HeadDimSupported(int d) { return d == 16 || d == 32 || d == 64 || d == 96 || d == 128; }
+
+size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T) {
+  return size_t(2) * size_t(B) * size_t(N) * size_t(T) * sizeof(float);
+}
+
+size_t MaxSmemBytes(int d) {
+  switch (d) {
+    case 16: return max_smem<16>();
+    case 32: return max_smem<32>();
+    case 64: return max_smem<64>();
+    case 96: return max_smem<96>();
+    case 128: return max_smem<128>();
+    default: return 0;
+  }
+}
+
+// The launchers are instantiated in cuda/inst/*.cu: never implicitly here.
+#define JCA_EXTERN(D)                                                               \
+  extern template cudaError_t run_fwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
+  extern template cudaError_t run_fwd<D, __half>(const Params&, cudaStream_t);        \
+  extern template cudaError_t run_bwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
+  extern template cudaError_t run_bwd<D, __half>(const Params&, cudaStream_t);
+JCA_EXTERN(16)
+JCA_EXTERN(32)
+JCA_EXTERN(64)
+JCA_EXTERN(96)
+JCA_EXTERN(128)
+#undef JCA_EXTERN
+
+#define JCA_DISPATCH(FN, p, stream)                                                  \
+  do {                                                                               \
+    const bool bf = (p).dtype == DType::kBF16;                                       \
+    switch ((p).D) {                                                                 \
+      case 16: return bf ? FN<16, __nv_bfloat16>(p, stream) : FN<16, __half>(p, stream);   \
+      case 32: return bf ? FN<32, __nv_bfloat16>(p, stream) : FN<32, __half>(p, stream);   \
+      case 64: return bf ? FN<64, __nv_bfloat16>(p, stream) : FN<64, __half>(p, stream);   \
+      case 96: return bf ? FN<96, __nv_bfloat16>(p, stream) : FN<96, __half>(p, stream);   \
+      case 128: return bf ? FN<128, __nv_bfloat16>(p, stream) : FN<128, __half>(p, stream); \
+      default: return cudaErrorInvalidValue;                                         \
+    }                                                                                \
+  } while (0)
+
+cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) { JCA_DISPATCH(run_fwd, p, stream); }
+cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) { JCA_DISPATCH(run_bwd, p, stream); }
+
+}  // namespace jca

@@ -1,0 +1,302 @@
+// XLA FFI handlers for the fused cosine-sim attention kernels and the nanobind module that hands
+// their capsules to Python. Compiled by the host compiler (nvcc never sees the XLA headers).
+//
+// Targets (see jax_cosine_attention/_cuda.py for the Python side):
+//   jca_cosattn_fwd(q, k, v, scale, bias, mask, q_len, kv_len) -> (o, lse)
+//       attrs: causal: bool, groups: i64, bounded: bool
+//   jca_cosattn_bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len)
+//       -> (dq_acc f32, dk, dv, dbias f32, workspace u8)
+//       attrs: causal: bool, groups: i64, bounded: bool, need_dbias: bool, deterministic: bool
+// Absent optional operands (bias, mask, q_len, kv_len) and an unrequested dbias are zero-size
+// arrays of shape (0,).
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <type_traits>
+
+#include "jca.h"
+#include "nanobind/nanobind.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ------------------------------------------------------------------ device properties (cached)
+struct DeviceInfo {
+  bool ok = false;
+  int cc_major = 0, cc_minor = 0;
+  int smem_optin = 0;
+};
+
+ffi::ErrorOr<DeviceInfo> GetDeviceInfo(int32_t ordinal) {
+  static std::mutex mu;
+  static std::array<DeviceInfo, 64> cache{};
+  if (ordinal < 0 || ordinal >= int32_t(cache.size()))
+    return ffi::Unexpected(ffi::Error::InvalidArgument("jca: device ordinal out of range"));
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceInfo& d = cache[ordinal];
+  if (!d.ok) {
+    cudaError_t e1 = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, ordinal);
+    cudaError_t e2 = cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, ordinal);
+    cudaError_t e3 =
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, ordinal);
+    if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess)
+      return ffi::Unexpected(ffi::Error::Internal(std::string("jca: cudaDeviceGetAttribute: ") +
+                                                  cudaGetErrorString(e1 != cudaSuccess ? e1 : e2 != cudaSuccess ? e2 : e3)));
+    d.ok = true;
+  }
+  return d;
+}
+
+ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument("jca: " + msg); }
+
+std::string DimsStr(const ffi::AnyBuffer& b) {
+  std::string s = "[";
+  auto d = b.dimensions();
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+// Fills sizes, dtype, q/k/v, scale and the optional operands of p. Shared by fwd and bwd.
+ffi::Error FillCommon(jca::Params& p, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                      const ffi::AnyBuffer& v, const ffi::AnyBuffer& scale,
+                      const ffi::AnyBuffer& bias, const ffi::AnyBuffer& mask,
+                      const ffi::AnyBuffer& q_len, const ffi::AnyBuffer& kv_len, bool causal,
+                      int64_t groups, bool bounded, int32_t ordinal) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return Invalid("q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H], [B,S,K,H]); got q" + DimsStr(q) +
+                   " k" + DimsStr(k) + " v" + DimsStr(v));
+  if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
+    return Invalid("q, k, v must share one dtype");
+  if (q.element_type() == ffi::BF16) p.dtype = jca::DType::kBF16;
+  else if (q.element_type() == ffi::F16) p.dtype = jca::DType::kF16;
+  else return Invalid("dtype must be bf16 or f16 (f32 goes to the XLA path)");
+  p.B = int(qd[0]); p.T = int(qd[1]); p.N = int(qd[2]); p.D = int(qd[3]);
+  p.S = int(kd[1]); p.KH = int(kd[2]);
+  if (kd[0] != qd[0] || vd[0] != qd[0] || vd[1] != kd[1] || vd[2] != kd[2] || kd[3] != qd[3] ||
+      vd[3] != qd[3])
+    return Invalid("inconsistent shapes q" + DimsStr(q) + " k" + DimsStr(k) + " v" + DimsStr(v) +
+                   " (the kernel needs Hv == H)");
+  if (p.KH <= 0 || p.N % p.KH != 0) return Invalid("N must be a multiple of K");
+  p.hpk = p.N / p.KH;
+  if (!jca::HeadDimSupported(p.D))
+    return Invalid("head dim " + std::to_string(p.D) + " not compiled (16, 32, 64, 96, 128)");
+  if (scale.element_type() != ffi::F32 || scale.element_count() != size_t(p.N))
+    return Invalid("scale must be f32 [N]");
+  p.q = q.untyped_data(); p.k = k.untyped_data(); p.v = v.untyped_data();
+  p.scale = static_cast<const float*>(scale.untyped_data());
+  p.causal = causal;
+  p.bounded = bounded;
+  p.norm_groups = float(groups < 1 ? 1 : groups);
+
+  const int64_t full[4] = {p.B, p.N, p.T, p.S};
+  if (bias.element_count() > 0) {
+    auto bd = bias.dimensions();
+    if (bd.size() != 4 || bias.element_type() != ffi::F32)
+      return Invalid("bias must be f32 rank 4 [Bb,Nb,Tb,Sb]; got " + DimsStr(bias));
+    for (int i = 0; i < 4; ++i)
+      if (bd[i] != 1 && bd[i] != full[i])
+        return Invalid("bias dim " + std::to_string(i) + " must be 1 or full; got " + DimsStr(bias));
+    for (int i = 0; i < 4; ++i) p.bias_dims[i] = int(bd[i]);
+    p.bias = static_cast<const float*>(bias.untyped_data());
+    p.bias_ss = bd[3] == 1 ? 0 : 1;
+    p.bias_st = bd[2] == 1 ? 0 : bd[3];
+    p.bias_sn = bd[1] == 1 ? 0 : bd[2] * bd[3];
+    p.bias_sb = bd[0] == 1 ? 0 : bd[1] * bd[2] * bd[3];
+  }
+  if (mask.element_count() > 0) {
+    auto md = mask.dimensions();
+    if (md.size() != 4 || mask.element_type() != ffi::PRED)
+      return Invalid("mask must be bool rank 4 [Bm,Nm,Tm,Sm]; got " + DimsStr(mask));
+    for (int i = 0; i < 4; ++i)
+      if (md[i] != 1 && md[i] != full[i])
+        return Invalid("mask dim " + std::to_string(i) + " must be 1 or full; got " + DimsStr(mask));
+    p.mask = static_cast<const uint8_t*>(mask.untyped_data());
+    p.mask_ss = md[3] == 1 ? 0 : 1;
+    p.mask_st = md[2] == 1 ? 0 : md[3];
+    p.mask_sn = md[1] == 1 ? 0 : md[2] * md[3];
+    p.mask_sb = md[0] == 1 ? 0 : md[1] * md[2] * md[3];
+  }
+  for (const ffi::AnyBuffer* lb : {&q_len, &kv_len}) {
+    if (lb->element_count() == 0) continue;
+    if (lb->element_type() != ffi::S32 || lb->element_count() != size_t(p.B))
+      return Invalid("q_len / kv_len must be int32 [B]");
+  }
+  if (q_len.element_count() > 0) p.q_len = static_cast<const int32_t*>(q_len.untyped_data());
+  if (kv_len.element_count() > 0) p.kv_len = static_cast<const int32_t*>(kv_len.untyped_data());
+
+  auto info = GetDeviceInfo(ordinal);
+  if (info.has_error()) return info.error();
+  if (info->cc_major < 8) return Invalid("needs compute capability >= 8.0 (mma.sync bf16/f16)");
+  if (jca::MaxSmemBytes(p.D) > size_t(info->smem_optin))
+    return Invalid("kernel needs " + std::to_string(jca::MaxSmemBytes(p.D)) +
+                   " bytes of shared memory per block; device allows " +
+                   std::to_string(info->smem_optin));
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaErr(const char* what, cudaError_t e) {
+  return ffi::Error::Internal(std::string("jca: ") + what + ": " + cudaGetErrorString(e));
+}
+
+bool SameDims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (x[i] != y[i]) return false;
+  return true;
+}
+
+ffi::Error FwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                   ffi::AnyBuffer v, ffi::AnyBuffer scale, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                   ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Result<ffi::AnyBuffer> lse, bool causal, int64_t groups, bool bounded) {
+  jca::Params p;
+  if (ffi::Error e = FillCommon(p, q, k, v, scale, bias, mask, q_len, kv_len, causal, groups,
+                                bounded, ordinal);
+      e.failure())
+    return e;
+  if (!SameDims(*o, q) || o->element_type() != q.element_type())
+    return Invalid("o must match q's shape and dtype");
+  if (lse->element_type() != ffi::F32 ||
+      lse->element_count() != size_t(p.B) * size_t(p.N) * size_t(p.T))
+    return Invalid("lse must be f32 [B,N,T]");
+  p.o = o->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  if (p.B == 0 || p.T == 0 || p.N == 0) return ffi::Error::Success();
+  if (cudaError_t e = jca::LaunchFwd(p, stream); e != cudaSuccess) return CudaErr("fwd launch", e);
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ffi::AnyBuffer q,
+                   ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                   ffi::AnyBuffer scale, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                   ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::Result<ffi::AnyBuffer> dq_acc,
+                   ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> workspace,
+                   bool causal, int64_t groups, bool bounded, bool need_dbias, bool deterministic) {
+  jca::Params p;
+  if (ffi::Error e = FillCommon(p, q, k, v, scale, bias, mask, q_len, kv_len, causal, groups,
+                                bounded, ordinal);
+      e.failure())
+    return e;
+  if (!SameDims(dout, q) || dout.element_type() != q.element_type() || !SameDims(out, q) ||
+      out.element_type() != q.element_type())
+    return Invalid("do and o must match q's shape and dtype");
+  if (lse.element_type() != ffi::F32 ||
+      lse.element_count() != size_t(p.B) * size_t(p.N) * size_t(p.T))
+    return Invalid("lse must be f32 [B,N,T]");
+  if (!SameDims(*dq_acc, q) || dq_acc->element_type() != ffi::F32)
+    return Invalid("dq_acc must be f32 with q's shape");
+  if (!SameDims(*dk, k) || dk->element_type() != k.element_type() || !SameDims(*dv, v) ||
+      dv->element_type() != v.element_type())
+    return Invalid("dk / dv must match k / v");
+  p.deterministic = deterministic;
+  if (need_dbias) {
+    if (p.bias == nullptr) return Invalid("need_dbias without a bias");
+    if (!SameDims(*dbias, bias) || dbias->element_type() != ffi::F32)
+      return Invalid("dbias must be f32 with the bias's shape");
+    p.dbias = static_cast<float*>(dbias->untyped_data());
+    p.dbias_elems = int64_t(dbias->element_count());
+    const int* bd = p.bias_dims;
+    const bool rb = bd[0] == 1 && p.B > 1, rn = bd[1] == 1 && p.N > 1;
+    const bool rt = bd[2] == 1 && p.T > 1, rs = bd[3] == 1 && p.S > 1;
+    if (!rb && !rn && !rt && !rs) p.dbias_mode = jca::DBiasMode::kStore;
+    else if (rt || rs || !deterministic) p.dbias_mode = jca::DBiasMode::kAtomic;
+    else p.dbias_mode = jca::DBiasMode::kOrdered;
+  }
+  const size_t ws = jca::BwdWorkspaceBytes(p.B, p.N, p.T);
+  if (workspace->size_bytes() < ws)
+    return Invalid("workspace too small: " + std::to_string(workspace->size_bytes()) + " < " +
+                   std::to_string(ws));
+  p.dout = dout.untyped_data();
+  p.out = out.untyped_data();
+  p.lse_in = static_cast<const float*>(lse.untyped_data());
+  p.dq_acc = static_cast<float*>(dq_acc->untyped_data());
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  p.workspace = workspace->untyped_data();
+  p.workspace_bytes = workspace->size_bytes();
+  if (p.B == 0 || p.N == 0) return ffi::Error::Success();
+  if (p.T == 0 || p.S == 0) {  // nothing attends: all gradients are zero
+    for (ffi::Result<ffi::AnyBuffer>* r : {&dq_acc, &dk, &dv, &dbias})
+      if ((*r)->size_bytes() > 0)
+        if (cudaError_t e = cudaMemsetAsync((*r)->untyped_data(), 0, (*r)->size_bytes(), stream);
+            e != cudaSuccess)
+          return CudaErr("memset", e);
+    return ffi::Error::Success();
+  }
+  if (cudaError_t e = jca::LaunchBwd(p, stream); e != cudaSuccess) return CudaErr("bwd launch", e);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // scale
+                                  .Arg<ffi::AnyBuffer>()  // bias
+                                  .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // q_len
+                                  .Arg<ffi::AnyBuffer>()  // kv_len
+                                  .Ret<ffi::AnyBuffer>()  // o
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("bounded"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // do
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::AnyBuffer>()  // lse
+                                  .Arg<ffi::AnyBuffer>()  // scale
+                                  .Arg<ffi::AnyBuffer>()  // bias
+                                  .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // q_len
+                                  .Arg<ffi::AnyBuffer>()  // kv_len
+                                  .Ret<ffi::AnyBuffer>()  // dq_acc
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::AnyBuffer>()  // dbias
+                                  .Ret<ffi::AnyBuffer>()  // workspace
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("bounded")
+                                  .Attr<bool>("need_dbias")
+                                  .Attr<bool>("deterministic"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>);
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+NB_MODULE(_jca_cuda, m) {
+  m.def("registrations", [] {
+    nb::dict d;
+    d["jca_cosattn_fwd"] = Capsule(JcaCosAttnFwd);
+    d["jca_cosattn_bwd"] = Capsule(JcaCosAttnBwd);
+    return d;
+  });
+  m.def("bwd_workspace_bytes",
+        [](int64_t B, int64_t N, int64_t T) { return jca::BwdWorkspaceBytes(B, N, T); });
+  m.def("head_dim_supported", [](int d) { return jca::HeadDimSupported(d); });
+  m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+}

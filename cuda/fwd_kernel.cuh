@@ -1,0 +1,223 @@
+// Forward kernel: one CTA per (query tile of BR rows, query head, batch); each warp owns 16 query
+// rows whose Q fragments stay in registers; K/V tiles of BC keys stream through a 2-stage cp.async
+// ring in shared memory; S = Q K^T and O += P V run on mma.sync m16n8k16 with P kept in
+// registers as the A operand.
+//
+// Softmax, two paths chosen per CTA at run time (uniform branch):
+//  * fixed shift (no bias, q/k bounded, |scale|*groups small enough for the P dtype):
+//        p = 2^(s * scale*log2e + shift),  shift = (delta - |scale|*groups) * log2e
+//    no running max, no rescaling; delta keeps f16 P inside f16's normal range.
+//  * online max (bias present, unbounded inputs, or a bound too wide for the P dtype):
+//    the usual running max in log2 units, exact for any bias magnitude.
+// Row sums are kept per thread and reduced across the quad once, at the end.
+#pragma once
+#include "kernel_common.cuh"
+
+namespace jca {
+
+template <typename T>
+struct ShiftCfg;
+// bf16 P has f32's exponent range: any window below ~2^-120 is safe; delta = 0.
+template <>
+struct ShiftCfg<__nv_bfloat16> {
+  static constexpr float kDelta = 0.f;
+  static constexpr float kMaxBound = 40.f;  // 2*40*log2e = 115 < 126
+};
+// f16 P: max e^10.5 = 36316 < 65504; min e^(10.5 - 2*bound) >= e^-9.5 > 2^-14 (smallest normal).
+template <>
+struct ShiftCfg<__half> {
+  static constexpr float kDelta = 10.5f;
+  static constexpr float kMaxBound = 10.f;
+};
+
+template <int D_, int NW_, int BC_, typename T_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int D = D_, NW = NW_, BC = BC_;
+  static constexpr int BR = 16 * NW;
+  static constexpr int kThreads = 32 * NW;
+  static constexpr int kStride = D + 8;  // padded smem row (16 B) -> conflict-free ldmatrix
+  static constexpr int kStageElems = BC * kStride;
+  static constexpr size_t kSmem = size_t(2) * 2 * kStageElems * sizeof(T);  // K,V x 2 stages
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(const Params p) {
+  using T = typename Tr::T;
+  using Op = MmaOp<T>;
+  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, ST = Tr::kStride;
+  constexpr int KT = D / 16, NTS = BC / 8, NTO = D / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + 2 * Tr::kStageElems;
+
+  const int n = blockIdx.y, b = blockIdx.z;
+  const int qtile = p.causal ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;  // longest tiles first
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int kh = n / p.hpk;
+  const int t0 = qtile * BR;
+  const int wr0 = t0 + warp * 16;  // first row of this warp
+  const int row0 = wr0 + g, row1 = row0 + 8;
+
+  const RowLimits L = make_limits(p, b);
+  const int lim0 = L(row0), lim1 = L(row1);
+  const int warp_min_lim = min(L(wr0), L(wr0 + 15));
+  const int cta_last = min(t0 + BR, L.qlen) - 1;
+  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
+  const int ntiles = (kv_end + BC - 1) / BC;
+
+  const int64_t qrow = int64_t(p.N) * D, krow = int64_t(p.KH) * D;
+  const T* qb = static_cast<const T*>(p.q) + int64_t(b) * p.T * qrow + int64_t(n) * D;
+  const T* kb = static_cast<const T*>(p.k) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  const T* vb = static_cast<const T*>(p.v) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+
+  if (ntiles > 0) {
+    load_tile<BC, D, Tr::kThreads>(sK, kb, krow, 0, p.S, tid);
+    load_tile<BC, D, Tr::kThreads>(sV, vb, krow, 0, p.S, tid);
+    cp_async_commit();
+  }
+
+  uint32_t qf[KT][4];
+  load_a_global<KT>(qf, qb, qrow, wr0, p.T, lane);
+
+  const float sc = p.scale[n];
+  const float c2 = sc * kLog2e;
+  const bool has_bias = p.bias != nullptr;
+  const bool fixed = !has_bias && p.bounded &&
+                     fabsf(sc) * p.norm_groups <= ShiftCfg<T>::kMaxBound;
+  const float shift2 = fixed ? (ShiftCfg<T>::kDelta - fabsf(sc) * p.norm_groups) * kLog2e : 0.f;
+
+  float oacc[NTO][4];
+  zero_acc(oacc);
+  float lsum[2] = {0.f, 0.f};
+  float mrow[2] = {-INFINITY, -INFINITY};  // online path only, log2 units
+
+  const float* bias_r[2] = {nullptr, nullptr};
+  const uint8_t* mask_r[2] = {nullptr, nullptr};
+  {
+    const int rows[2] = {row0, row1};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = min(rows[h], p.T - 1);
+      if (has_bias) bias_r[h] = p.bias + b * p.bias_sb + n * p.bias_sn + t * p.bias_st;
+      if (p.mask) mask_r[h] = p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st;
+    }
+  }
+  const int lims[2] = {lim0, lim1};
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int stage = it & 1;
+    const int s0 = it * BC;
+    if (it + 1 < ntiles) {
+      load_tile<BC, D, Tr::kThreads>(sK + (stage ^ 1) * Tr::kStageElems, kb, krow, s0 + BC, p.S,
+                                     tid);
+      load_tile<BC, D, Tr::kThreads>(sV + (stage ^ 1) * Tr::kStageElems, vb, krow, s0 + BC, p.S,
+                                     tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    float sacc[NTS][4];
+    zero_acc(sacc);
+    gemm_rB_nt<KT, NTS>(sacc, qf, sK + stage * Tr::kStageElems, ST, lane);
+
+    const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+
+    if (fixed) {
+#pragma unroll
+      for (int j = 0; j < NTS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int s = s0 + 8 * j + 2 * c + (e & 1);
+          float pv = ex2(fmaf(sacc[j][e], c2, shift2));
+          if (need_check) {
+            bool ok = s < lims[h];
+            if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
+            pv = ok ? pv : 0.f;
+          }
+          sacc[j][e] = pv;
+          lsum[h] += pv;
+        }
+      }
+    } else {
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < NTS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int s = s0 + 8 * j + 2 * c + (e & 1);
+          bool ok = true;
+          if (need_check) {
+            ok = s < lims[h];
+            if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
+          }
+          float x = sacc[j][e] * c2;
+          if (has_bias && ok) x = fmaf(bias_r[h][s * p.bias_ss], kLog2e, x);
+          x = ok ? x : -INFINITY;
+          sacc[j][e] = x;
+          tmax[h] = fmaxf(tmax[h], x);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float mnew = fmaxf(mrow[h], quad_max(tmax[h]));
+        // alpha rescales what was accumulated under the old max; -inf old max -> nothing yet.
+        const float alpha = (mrow[h] == -INFINITY) ? 0.f : ex2(mrow[h] - mnew);
+        const float msub = (mnew == -INFINITY) ? 0.f : mnew;
+        if (mnew != mrow[h]) {
+          lsum[h] *= alpha;
+#pragma unroll
+          for (int j = 0; j < NTO; ++j) {
+            oacc[j][2 * h] *= alpha;
+            oacc[j][2 * h + 1] *= alpha;
+          }
+        }
+        mrow[h] = mnew;
+        tmax[h] = msub;
+      }
+#pragma unroll
+      for (int j = 0; j < NTS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const float pv = ex2(sacc[j][e] - tmax[h]);  // -inf -> 0
+          sacc[j][e] = pv;
+          lsum[h] += pv;
+        }
+      }
+    }
+
+    uint32_t pf[NTS / 2][4];
+    acc_to_a<NTS, T>(pf, sacc);
+    gemm_rB_t<NTS / 2, NTO>(oacc, pf, sV + stage * Tr::kStageElems, ST, lane);
+    __syncthreads();
+  }
+
+  // ---- epilogue: O / l, lse (natural log; -inf for empty rows)
+  T* ob = static_cast<T*>(p.o) + int64_t(b) * p.T * qrow + int64_t(n) * D;
+  const int rows[2] = {row0, row1};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = quad_sum(lsum[h]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int t = rows[h];
+    if (t < p.T) {
+      uint32_t* orow = reinterpret_cast<uint32_t*>(ob + int64_t(t) * qrow);
+#pragma unroll
+      for (int j = 0; j < NTO; ++j)
+        orow[4 * j + c] = Op::pack(oacc[j][2 * h] * inv, oacc[j][2 * h + 1] * inv);
+      if (c == 0) {
+        const float off = fixed ? -shift2 : mrow[h];
+        p.lse[(int64_t(b) * p.N + n) * p.T + t] = l > 0.f ? (off + log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+  }
+}
+
+}  // namespace jca

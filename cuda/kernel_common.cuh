@@ -1,0 +1,152 @@
+// Building blocks shared by the forward and backward kernels: tile loads, warp-level GEMMs on
+// mma.sync fragments, masking helpers.
+//
+// Fragment conventions (m16n8k16, one warp; g = lane / 4, c = lane % 4):
+//   A (16x16):   a0 = (row g,   cols 2c,2c+1)   a1 = (row g+8, cols 2c,2c+1)
+//                a2 = (row g,   cols 2c+8,+9)   a3 = (row g+8, cols 2c+8,+9)
+//   B (16x8):    b0 = (k 2c,2c+1, col g)        b1 = (k 2c+8,2c+9, col g)
+//   C (16x8 f32): c0,c1 = (row g, cols 2c,2c+1)  c2,c3 = (row g+8, cols 2c,2c+1)
+// A 16xN accumulator (N/8 C tiles) converts to N/16 A fragments of the next product without any
+// data movement (FA2's register-reuse trick): see acc_to_a().
+#pragma once
+#include "ptx.cuh"
+#include "jca.h"
+
+namespace jca {
+
+// Copy a [ROWS x D] tile (rows r0.. of a row-major tensor whose rows are `gstride` elements
+// apart) into padded smem [ROWS][D+8]. Rows >= nrows are zero-filled.
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t gstride, int r0,
+                                          int nrows, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kStride = D + 8;
+#pragma unroll
+  for (int i = tid; i < ROWS * kChunks; i += THREADS) {
+    const int r = i / kChunks, ch = i % kChunks;
+    const bool ok = (r0 + r) < nrows;
+    const T* src = ok ? gbase + (int64_t)(r0 + r) * gstride + ch * 8 : gbase;
+    cp_async16(smem + r * kStride + ch * 8, src, ok);
+  }
+}
+
+// acc[16 x 8NT] += A[16 x 16KT] (registers) * B, B^T stored in smem as [8NT rows][16KT cols]
+// (row stride `st` elements), i.e. smem rows index the n dimension (non-transposed ldmatrix).
+template <int KT, int NT, typename T>
+__device__ __forceinline__ void gemm_rB_nt(float (&acc)[NT][4], const uint32_t (&a)[KT][4],
+                                           const T* sB, int st, int lane) {
+  static_assert(NT % 2 == 0, "NT must be even");
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (8 * j + (mat >> 1) * 8 + rr) * st + 16 * kk + (mat & 1) * 8);
+      MmaOp<T>::run(acc[j], a[kk], b[0], b[1]);
+      MmaOp<T>::run(acc[j + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x 8NT] += A[16 x 16KT] (registers) * B, B stored in smem as [16KT rows (k)][8NT cols]
+// (row stride `st`), i.e. smem rows index the k dimension (transposed ldmatrix).
+template <int KT, int NT, typename T>
+__device__ __forceinline__ void gemm_rB_t(float (&acc)[NT][4], const uint32_t (&a)[KT][4],
+                                          const T* sB, int st, int lane) {
+  static_assert(NT % 2 == 0, "NT must be even");
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, sB + (16 * kk + (mat & 1) * 8 + rr) * st + 8 * j + (mat >> 1) * 8);
+      MmaOp<T>::run(acc[j], a[kk], b[0], b[1]);
+      MmaOp<T>::run(acc[j + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x 8NT] += A * B with A = 16 rows of smem sA ([16][16KT], row stride st) and B^T in smem
+// as in gemm_rB_nt. A fragments are loaded per k-step (keeps registers free).
+template <int KT, int NT, typename T>
+__device__ __forceinline__ void gemm_sA_nt(float (&acc)[NT][4], const T* sA, const T* sB, int st,
+                                           int lane) {
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sA + ((mat & 1) * 8 + rr) * st + 16 * kk + (mat >> 1) * 8);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (8 * j + (mat >> 1) * 8 + rr) * st + 16 * kk + (mat & 1) * 8);
+      MmaOp<T>::run(acc[j], a, b[0], b[1]);
+      MmaOp<T>::run(acc[j + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Pack a 16 x 8NT f32 accumulator into NT/2 A fragments (k = the accumulator's columns).
+template <int NT, typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    a[kk][0] = MmaOp<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+    a[kk][1] = MmaOp<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+    a[kk][2] = MmaOp<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[kk][3] = MmaOp<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  }
+}
+
+// Load a warp's 16-row A operand [16 x 16KT] straight from global memory (rows >= nrows -> 0).
+template <int KT, typename T>
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[KT][4], const T* base, int64_t rstride,
+                                              int r0, int nrows, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  const bool ok0 = r0 + g < nrows, ok1 = r0 + g + 8 < nrows;
+  const uint32_t* p0 = reinterpret_cast<const uint32_t*>(base + (int64_t)(r0 + g) * rstride);
+  const uint32_t* p1 = reinterpret_cast<const uint32_t*>(base + (int64_t)(r0 + g + 8) * rstride);
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    a[kk][0] = ok0 ? p0[8 * kk + c] : 0u;
+    a[kk][1] = ok1 ? p1[8 * kk + c] : 0u;
+    a[kk][2] = ok0 ? p0[8 * kk + c + 4] : 0u;
+    a[kk][3] = ok1 ? p1[8 * kk + c + 4] : 0u;
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// Number of keys (a prefix 0..lim-1) query row t may attend, before the dense mask.
+struct RowLimits {
+  int T, S, qlen, kvlen;
+  bool causal;
+  __device__ __forceinline__ int operator()(int t) const {
+    if (t >= qlen) return 0;
+    int l = kvlen;
+    if (causal) l = min(l, t + S - T + 1);
+    return max(l, 0);
+  }
+  // First query row that may attend key s (causal), else 0.
+  __device__ __forceinline__ int first_row(int s) const {
+    return causal ? max(0, s - (S - T)) : 0;
+  }
+};
+
+__device__ __forceinline__ RowLimits make_limits(const Params& p, int b) {
+  RowLimits L;
+  L.T = p.T;
+  L.S = p.S;
+  L.qlen = p.q_len ? min(max(p.q_len[b], 0), p.T) : p.T;
+  L.kvlen = p.kv_len ? min(max(p.kv_len[b], 0), p.S) : p.S;
+  L.causal = p.causal;
+  return L;
+}
+
+}  // namespace jca

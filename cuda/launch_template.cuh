@@ -1,0 +1,75 @@
+// Launch templates: tile configuration per head dim, grid set-up, error checks. Instantiated per
+// (head dim, dtype) in cuda/inst/*.cu so that builds parallelise.
+#pragma once
+#include "bwd_kernel.cuh"
+#include "fwd_kernel.cuh"
+
+namespace jca {
+
+// Tile configuration per head dim (4 warps everywhere; 16 rows per warp).
+template <int D>
+struct Cfg {
+  static constexpr int kFwdWarps = 4, kFwdBC = 64;
+  static constexpr int kDqWarps = 4, kDqBC = (D <= 64 ? 64 : 32);
+  static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
+};
+
+template <class Kernel>
+inline cudaError_t prepare(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024)
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  return cudaSuccess;
+}
+
+template <int D, typename T>
+cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
+  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdBC, T>;
+  auto kernel = fwd_kernel<Tr>;
+  if (cudaError_t e = prepare(kernel, Tr::kSmem); e != cudaSuccess) return e;
+  const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
+  using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqBC, T>;
+  using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, T>;
+  auto kq = dq_kernel<TrQ>;
+  auto kkv = dkdv_kernel<TrKV>;
+  if (cudaError_t e = prepare(kq, TrQ::kSmem); e != cudaSuccess) return e;
+  if (cudaError_t e = prepare(kkv, TrKV::kSmem); e != cudaSuccess) return e;
+
+  if (p.dbias_mode != DBiasMode::kNone && p.dbias_elems > 0) {
+    if (cudaError_t e = cudaMemsetAsync(p.dbias, 0, size_t(p.dbias_elems) * sizeof(float), stream);
+        e != cudaSuccess)
+      return e;
+  }
+  const int64_t rows = int64_t(p.B) * p.T * p.N;
+  if (rows > 0) {
+    const int warps = 8;
+    bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
+  const dim3 gq((p.T + TrQ::BR - 1) / TrQ::BR, (ordered && p.bias_dims[1] == 1) ? 1 : p.N,
+                (ordered && p.bias_dims[0] == 1) ? 1 : p.B);
+  kq<<<gq, TrQ::kThreads, TrQ::kSmem, stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  const dim3 gkv((p.S + TrKV::BCK - 1) / TrKV::BCK, p.KH, p.B);
+  kkv<<<gkv, TrKV::kThreads, TrKV::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D>
+constexpr size_t max_smem() {
+  using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdBC, __half>;
+  using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqBC, __half>;
+  using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, __half>;
+  size_t m = F::kSmem;
+  m = m > Q::kSmem ? m : Q::kSmem;
+  m = m > KV::kSmem ? m : KV::kSmem;
+  return m;
+}
+
+}  // namespace jca

@@ -1,0 +1,146 @@
+"""Python side of the fused CUDA kernels: import the extension, register its XLA FFI targets and
+wrap them with `jax.ffi.ffi_call`.
+
+Core contract (per-device arrays, static shapes; see `_ops.py`):
+  fwd(q[B,T,N,H], k[B,S,K,H], v[B,S,K,H], scale[N] f32, bias?, mask?, q_len?, kv_len?)
+      -> o [B,T,N,H] (q dtype), lse [B,N,T] f32 (natural log, -inf for rows with no valid key)
+  bwd(do, q, k, v, o, lse, scale, bias?, mask?, q_len?, kv_len?)
+      -> dq_acc f32 [B,T,N,H] (unscaled), dk, dv (q dtype), dbias f32 in the bias's shape or None
+
+Absent optional operands, and dbias when it is not needed, cross the FFI boundary as zero-size
+(0,) arrays. The bias is passed as f32 (converted here when it is bf16/f16); the mask as bool.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FWD_TARGET = "jca_cosattn_fwd"
+BWD_TARGET = "jca_cosattn_bwd"
+HEAD_DIMS = (16, 32, 64, 96, 128)
+DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+try:  # present only when nvcc and jax were there at install time
+    from . import _jca_cuda as _C
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C = None
+    IMPORT_ERROR = f"CUDA extension not built or not importable: {e}"
+else:
+    IMPORT_ERROR = None
+    try:
+        for _name, _capsule in _C.registrations().items():
+            jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+    except Exception as e:  # pragma: no cover
+        _C = None
+        IMPORT_ERROR = f"registering the CUDA FFI targets failed: {e!r}"
+
+AVAILABLE = _C is not None and os.environ.get("JCA_DISABLE_CUDA", "0") != "1"
+if _C is not None and not AVAILABLE:
+    IMPORT_ERROR = None  # built fine, disabled on purpose
+
+
+def bwd_workspace_bytes(B, N, T):
+    """Scratch of the backward (delta and log2-lse, f32 [B,N,T] each); mirrors BwdWorkspaceBytes."""
+    return 2 * 4 * int(B) * int(N) * int(T)
+
+
+def unsupported_reason(q_shape, k_shape, v_shape, dtype, bias_shape=None, bias_dtype=None,
+                       mask_shape=None):
+    """None if the fused kernel serves this static configuration, else a short reason."""
+    if not AVAILABLE:
+        return IMPORT_ERROR or "CUDA kernels disabled (JCA_DISABLE_CUDA=1)"
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
+        return "the kernel takes rank-4 q/k/v"
+    dt = np.dtype(dtype)
+    if dt not in DTYPES:
+        return f"dtype {dt} not compiled (bf16, f16; f32 uses the XLA path)"
+    B, T, N, H = q_shape
+    Bk, S, K, Hk = k_shape
+    if Hk != H or tuple(v_shape[:3]) != (Bk, S, K) or Bk != B:
+        return "inconsistent q/k/v shapes"
+    if v_shape[3] != H:
+        return f"value head dim {v_shape[3]} != query head dim {H} not compiled"
+    if H not in HEAD_DIMS:
+        return f"head dim {H} not compiled ({', '.join(map(str, HEAD_DIMS))})"
+    if K == 0 or N % K:
+        return "N must be a multiple of K"
+    if max(B, N, K) > 65535:
+        return "B, N or K above 65535 (grid limit)"
+    if T >= 2**31 // 2 or S >= 2**31 // 2:
+        return "sequence too long"
+    full = (B, N, T, S)
+    for name, shp in (("bias", bias_shape), ("mask", mask_shape)):
+        if shp is None:
+            continue
+        if len(shp) != 4 or any(d not in (1, f) for d, f in zip(shp, full)):
+            return f"{name} shape {tuple(shp)} is not [B|1, N|1, T|1, S|1]"
+    if bias_shape is not None and bias_dtype is not None:
+        if np.dtype(bias_dtype) not in (np.dtype(np.float32), np.dtype(jnp.bfloat16),
+                                        np.dtype(np.float16)):
+            return f"bias dtype {np.dtype(bias_dtype)} not supported"
+    return None
+
+
+# ------------------------------------------------------------------ ffi_call plumbing
+
+def _result(x, shape, dtype, dims=None):
+    """Result type derived from input `x`'s aval (keeps vma under shard_map and Explicit shardings).
+
+    dims[i] names the dim of x whose sharding output dim i inherits (None: replicated)."""
+    a = jax.typeof(x)
+    kw = {"shape": tuple(shape), "dtype": dtype}
+    sh = getattr(a, "sharding", None)
+    spec = getattr(sh, "spec", None)
+    if spec is not None and hasattr(sh, "update"):
+        src = tuple(spec) + (None,) * (a.ndim - len(spec))
+        dims = dims if dims is not None else (None,) * len(shape)
+        new = tuple(src[d] if d is not None else None for d in dims)
+        if new != tuple(spec) or len(shape) != a.ndim:
+            kw["sharding"] = sh.update(spec=jax.sharding.PartitionSpec(*new))
+    return a.update(**kw)
+
+
+def _empty(x, dtype):
+    """A zero-size (0,) operand standing for an absent optional input, derived from `x`."""
+    return jax.lax.slice_in_dim(x.reshape(-1), 0, 0).astype(dtype)
+
+
+def _opts(q, bias, mask, q_len, kv_len):
+    bias = _empty(q, jnp.float32) if bias is None else bias.astype(jnp.float32)
+    mask = _empty(q, jnp.bool_) if mask is None else mask.astype(jnp.bool_)
+    q_len = _empty(q, jnp.int32) if q_len is None else q_len.astype(jnp.int32)
+    kv_len = _empty(q, jnp.int32) if kv_len is None else kv_len.astype(jnp.int32)
+    return bias, mask, q_len, kv_len
+
+
+def fwd(q, k, v, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
+        deterministic=False):
+    del deterministic  # the forward is deterministic
+    B, T, N, _ = q.shape
+    out_types = (_result(q, q.shape, q.dtype, (0, 1, 2, 3)),
+                 _result(q, (B, N, T), jnp.float32, (0, 2, 1)))
+    call = jax.ffi.ffi_call(FWD_TARGET, out_types, vmap_method="sequential")
+    o, lse = call(q, k, v, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
+                  causal=bool(causal), groups=int(groups), bounded=bool(bounded))
+    return o, lse
+
+
+def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
+        need_dbias, deterministic):
+    B, T, N, _ = q.shape
+    need_dbias = bool(need_dbias) and bias is not None
+    dbias_type = (_result(bias, bias.shape, jnp.float32, (0, 1, 2, 3)) if need_dbias
+                  else _result(q, (0,), jnp.float32))
+    out_types = (_result(q, q.shape, jnp.float32, (0, 1, 2, 3)),
+                 _result(k, k.shape, k.dtype, (0, 1, 2, 3)),
+                 _result(v, v.shape, v.dtype, (0, 1, 2, 3)),
+                 dbias_type,
+                 _result(q, (bwd_workspace_bytes(B, N, T),), jnp.uint8))
+    call = jax.ffi.ffi_call(BWD_TARGET, out_types, vmap_method="sequential")
+    dq_acc, dk, dv, dbias, _ = call(
+        do, q, k, v, o, lse, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
+        causal=bool(causal), groups=int(groups), bounded=bool(bounded),
+        need_dbias=need_dbias, deterministic=bool(deterministic))
+    return dq_acc, dk, dv, (dbias if need_dbias else None)
