@@ -62,16 +62,19 @@ def canonicalize(query, key, value, bias, mask, *, scale, groups, query_seq_leng
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"cosine_sim_attention: unknown implementation {implementation!r}; "
                          f"expected one of {IMPLEMENTATIONS}")
+    # Dtypes as given (a float64 numpy array would silently become float32 without x64).
+    given = [jnp.dtype(np.result_type(x) if getattr(x, "dtype", None) is None else x.dtype)
+             for x in (query, key, value)]
     q, k, v = (jnp.asarray(x) for x in (query, key, value))
     if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise _shape_error("query, key and value must all be rank 4 [B,T,N,H] / [B,S,K,H] / "
                            "[B,S,K,Hv], or all rank 3 (unbatched)", query=q, key=k, value=v)
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (given[0] == given[1] == given[2]):
         raise TypeError(f"cosine_sim_attention: query, key and value dtypes differ: "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+                        f"{given[0]}, {given[1]}, {given[2]}")
     allowed = SUPPORTED_DTYPES + ((jnp.dtype(jnp.float64),) if allow_float64 else ())
-    if q.dtype not in allowed:
-        raise TypeError(f"cosine_sim_attention: dtype {q.dtype} is not supported; use one of "
+    if given[0] not in allowed:
+        raise TypeError(f"cosine_sim_attention: dtype {given[0]} is not supported; use one of "
                         f"{[str(d) for d in allowed]}")
     unbatched = q.ndim == 3
     if unbatched:
