@@ -117,6 +117,73 @@ __device__ __forceinline__ void load_a_global(uint32_t (&a)[KT][4], const T* bas
   }
 }
 
+// ---- multi-row-tile variants: a warp owns MT stacked 16-row tiles; every B fragment loaded from
+// smem feeds MT mma's (halves smem traffic per mma for MT = 2, as FA2's 32 rows per warp).
+
+// acc[m][16 x 8NT] += A[m] (registers) * B, B^T stored [8NT rows][16KT cols] (non-transposed).
+template <int MT, int KT, int NT, typename T>
+__device__ __forceinline__ void mgemm_rB_nt(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KT][4],
+                                            const T* sB, int st, int lane) {
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (8 * j + (mat >> 1) * 8 + rr) * st + 16 * kk + (mat & 1) * 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        MmaOp<T>::run(acc[m][j], a[m][kk], b[0], b[1]);
+        MmaOp<T>::run(acc[m][j + 1], a[m][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Same with A = MT*16 rows of smem sA ([rows][16KT], stride st) loaded per k-step.
+template <int MT, int KT, int NT, typename T>
+__device__ __forceinline__ void mgemm_sA_nt(float (&acc)[MT][NT][4], const T* sA, const T* sB,
+                                            int st, int lane) {
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      ldsm_x4(a[m], sA + (16 * m + (mat & 1) * 8 + rr) * st + 16 * kk + (mat >> 1) * 8);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (8 * j + (mat >> 1) * 8 + rr) * st + 16 * kk + (mat & 1) * 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        MmaOp<T>::run(acc[m][j], a[m], b[0], b[1]);
+        MmaOp<T>::run(acc[m][j + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[m][16 x 8NT] += A[m] (registers) * B, B stored [16KT rows (k)][8NT cols] (transposed).
+template <int MT, int KT, int NT, typename T>
+__device__ __forceinline__ void mgemm_rB_t(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KT][4],
+                                           const T* sB, int st, int lane) {
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, sB + (16 * kk + (mat & 1) * 8 + rr) * st + 8 * j + (mat >> 1) * 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        MmaOp<T>::run(acc[m][j], a[m][kk], b[0], b[1]);
+        MmaOp<T>::run(acc[m][j + 1], a[m][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
 #pragma unroll

@@ -9,7 +9,10 @@ namespace jca {
 // Tile configuration per head dim (4 warps everywhere; 16 rows per warp).
 template <int D>
 struct Cfg {
-  static constexpr int kFwdWarps = 4, kFwdBC = 64;
+  // forward: 4 warps x 32 query rows (2 m-tiles, FA2's 128-row tile); Q re-read from smem for
+  // D > 64 to stay under 255 registers.
+  static constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBC = (D <= 64 ? 64 : 32);
+  static constexpr bool kFwdQSmem = D > 64;
   static constexpr int kDqWarps = 4, kDqBC = (D <= 64 ? 64 : 32);
   static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
 };
@@ -23,7 +26,7 @@ inline cudaError_t prepare(Kernel kernel, size_t smem) {
 
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdBC, T>;
+  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, T>;
   auto kernel = fwd_kernel<Tr>;
   if (cudaError_t e = prepare(kernel, Tr::kSmem); e != cudaSuccess) return e;
   const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
@@ -63,7 +66,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
 
 template <int D>
 constexpr size_t max_smem() {
-  using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdBC, __half>;
+  using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, __half>;
   using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqBC, __half>;
   using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, __half>;
   size_t m = F::kSmem;
