@@ -12,11 +12,53 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax.linen.attention import default_kernel_init
+from flax.linen.dtypes import promote_dtype
 
 from ..normalize import DEFAULT_EPS
 from ._common import (DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, constrain, decode_positions,
                       learned_scale, logit_scale_init)
 from .attention_fn import cosine_sim_attention_fn
+
+
+def _flat_init(init, n_in):
+    """Initialises like nn.DenseGeneral (on the [prod(in), prod(out)] matrix), then reshapes."""
+    def f(key, shape, dtype=jnp.float32):
+        flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:])) if n_in else (math.prod(shape),)
+        return jnp.reshape(init(key, flat, dtype), shape)
+    return f
+
+
+class _Projection(nn.Module):
+    """nn.DenseGeneral over the last `n_in` axes, with logically partitioned params.
+
+    (nn.DenseGeneral boxes its kernel before reshaping it, which breaks logical partitioning of
+    a 3-D kernel under a mesh; params and init values here are the same as DenseGeneral's.)
+    """
+    features: tuple
+    n_in: int
+    names: tuple
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    precision: Any
+    kernel_init: Callable
+    bias_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            _flat_init(self.kernel_init, self.n_in), self.names), in_shape + self.features,
+            self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                _flat_init(self.bias_init, 0), self.names[self.n_in:]), self.features,
+                self.param_dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        y = jax.lax.dot_general(x, kernel, dims, precision=self.precision)
+        return y if bias is None else y + bias
 
 
 class CosineSimAttention(nn.Module):
@@ -62,14 +104,11 @@ class CosineSimAttention(nn.Module):
     bias_init: Callable = nn.initializers.zeros_init()
     logical_axes: LogicalAxes = LogicalAxes()
 
-    def _dense(self, features, axis, names, name, kernel_init=None):
-        ax = self.logical_axes
-        return nn.DenseGeneral(
-            features=features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, precision=self.precision, name=name,
-            kernel_init=nn.with_logical_partitioning(kernel_init or self.kernel_init, names),
-            bias_init=nn.with_logical_partitioning(
-                self.bias_init, names[-len(features):] if isinstance(features, tuple) else (ax.embed,)))
+    def _dense(self, features, n_in, names, name, kernel_init=None):
+        return _Projection(features=features, n_in=n_in, names=names, use_bias=self.use_bias,
+                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           precision=self.precision, kernel_init=kernel_init or self.kernel_init,
+                           bias_init=self.bias_init, name=name)
 
     @nn.compact
     def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, bias=None, mask=None,
@@ -95,9 +134,9 @@ class CosineSimAttention(nn.Module):
             raise ValueError(f"CosineSimAttention: qkv_features={qkv_features} must be divisible by "
                              f"num_heads={N}, and num_heads by num_kv_heads={K}")
         H = qkv_features // N
-        q = self._dense((N, H), -1, (ax.embed, ax.heads, ax.head_dim), "query")(inputs_q)
-        k = self._dense((K, H), -1, (ax.embed, ax.kv_heads, ax.head_dim), "key")(inputs_k)
-        v = self._dense((K, H), -1, (ax.embed, ax.kv_heads, ax.head_dim), "value")(inputs_v)
+        q = self._dense((N, H), 1, (ax.embed, ax.heads, ax.head_dim), "query")(inputs_q)
+        k = self._dense((K, H), 1, (ax.embed, ax.kv_heads, ax.head_dim), "key")(inputs_k)
+        v = self._dense((K, H), 1, (ax.embed, ax.kv_heads, ax.head_dim), "value")(inputs_v)
         q = constrain(q, (ax.batch, ax.length, ax.heads, ax.head_dim))
         k = constrain(k, (ax.batch, ax.length, ax.kv_heads, ax.head_dim))
         v = constrain(v, (ax.batch, ax.length, ax.kv_heads, ax.head_dim))
@@ -127,7 +166,7 @@ class CosineSimAttention(nn.Module):
             eps=self.eps, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=kv_len,
             deterministic_backward=self.deterministic_backward)
         x = constrain(x, (ax.batch, ax.length, ax.heads, ax.head_dim))
-        return self._dense(features, (-2, -1), (ax.heads, ax.head_dim, ax.embed), "out",
+        return self._dense((features,), 2, (ax.heads, ax.head_dim, ax.embed), "out",
                            self.out_kernel_init)(x)
 
     def _update_cache(self, q, k, v, kv_len, mask, causal):
