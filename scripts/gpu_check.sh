@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build + install the CUDA extension, run the GPU tests, compute-sanitizer on one small fwd+bwd,
 # then the benchmark. All logs / JSON go to OUTDIR. Usage: scripts/gpu_check.sh OUTDIR [bench args]
-# Env: JCA_SKIP_TESTS=1, JCA_SKIP_SANITIZER=1, JCA_SKIP_BENCH=1, JCA_TEST_ARGS="-k ..." to trim.
+# Env: JCA_SKIP_TESTS=1, JCA_SKIP_SANITIZER=1, JCA_SKIP_BENCH=1, JCA_TEST_K="expr" (pytest -k) to trim.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUTDIR [bench args]}")
 shift || true
@@ -33,7 +33,7 @@ $PY -P -c "from jax_cosine_attention import _cuda as c; print('ext', c.AVAILABLE
 
 if [ "${JCA_SKIP_TESTS:-0}" != 1 ]; then
   echo "== GPU tests"
-  $PY -P -m pytest -q -p no:cacheprovider --rootdir /tmp "$REPO/tests/gpu" ${JCA_TEST_ARGS:-} \
+  $PY -P -m pytest -q -p no:cacheprovider --rootdir /tmp "$REPO/tests/gpu" ${JCA_TEST_K:+-k "$JCA_TEST_K"} \
       -x --durations=8 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
