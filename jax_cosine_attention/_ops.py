@@ -82,18 +82,19 @@ def _local_bwd(cfg, do, q, k, v, out, lse, scale, *opt):
 
 # ---------------------------------------------------------------- sharding
 
-def _head_factor(cfg_groups_of_heads):
-    return "(k g)" if cfg_groups_of_heads > 1 else "k"
-
-
 def _operand_rule(prefix, full, hq):
     names = (("b", f"{prefix}b1"), (hq, f"{prefix}n1"), ("t", f"{prefix}t1"), ("s", f"{prefix}s1"))
     return " ".join(n[0] if f else n[1] for n, f in zip(names, full))
 
 
-def _rules(cfg, G):
-    """Shardy rules for the forward and backward ops: only b and the heads may stay sharded."""
-    hq = _head_factor(G)
+def _rules(cfg, G, K):
+    """Shardy rules for the forward and backward ops: only b and the heads may stay sharded.
+
+    Query heads are the compound factor (k g) of kv heads k and group members g; a factor of
+    size 1 may not be part of a compound, hence the special cases.
+    """
+    hk = "k" if K > 1 else "kone"
+    hq = "(k g)" if K > 1 and G > 1 else ("k" if G == 1 else "g")
     opt = []
     for name in cfg.present:
         if name == "bias":
@@ -102,12 +103,12 @@ def _rules(cfg, G):
             opt.append(_operand_rule("m", cfg.mask_full, hq))
         else:
             opt.append("b")
-    qr, kr, vr = f"b t {hq} h", "b s k h", "b s k e"
+    qr, kr, vr = f"b t {hq} h", f"b s {hk} h", f"b s {hk} e"
     fwd = ", ".join([qr, kr, vr, hq] + opt) + f" -> b t {hq} e, b {hq} t"
     outs = [qr, kr, vr] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
     bwd = (", ".join([f"b t {hq} e", qr, kr, vr, f"b t {hq} e", f"b {hq} t", hq] + opt)
            + " -> " + ", ".join(outs))
-    sizes = {"g": G} if G > 1 else {}
+    sizes = {"g": G} if K > 1 and G > 1 else {}
     return fwd, bwd, sizes
 
 
@@ -134,7 +135,13 @@ def _as_tuple(axes):
 
 def _plan(mesh, q_sharding, N, K):
     """(batch axes, q-head axes, kv-head axes) this op keeps; everything else is replicated."""
-    b_axes, _, h_axes, _ = _spec(q_sharding, 4)
+    return head_plan(mesh, _spec(q_sharding, 4), N, K)
+
+
+def head_plan(mesh, q_spec, N, K):
+    """Batch and head sharding kept from q's spec: kv heads follow the query heads when they
+    divide evenly; MQA keeps its one kv head replicated; otherwise heads are replicated."""
+    b_axes, _, h_axes, _ = q_spec
     a = _axes_size(mesh, h_axes)
     if h_axes is None or N % a:
         return b_axes, None, None
@@ -145,21 +152,23 @@ def _plan(mesh, q_sharding, N, K):
     return b_axes, None, None
 
 
-def _operand_sharding(mesh, full, b_axes, h_axes):
-    spec = [b_axes if full[0] else None, h_axes if full[1] else None, None, None]
+def _operand_sharding(mesh, full, b_axes, h_axes, seq=None):
+    # Under ring attention (seq set) a per-query operand is split by rows, a per-key one by keys.
+    spec = [b_axes if full[0] else None, h_axes if full[1] else None,
+            seq if full[2] and not full[3] else None, seq if full[3] else None]
     return NamedSharding(mesh, P(*spec))
 
 
-def _shardings(cfg, mesh, plan):
+def _shardings(cfg, mesh, plan, seq=None):
     b, hq, hk = plan
     ns = lambda *spec: NamedSharding(mesh, P(*spec))
-    q, kv, rows, heads = ns(b, None, hq, None), ns(b, None, hk, None), ns(b, hq, None), ns(hq)
+    q, kv, rows, heads = ns(b, seq, hq, None), ns(b, seq, hk, None), ns(b, hq, seq), ns(hq)
     opt = []
     for name in cfg.present:
         if name == "bias":
             opt.append(_operand_sharding(mesh, cfg.bias_full, b, hq))
         elif name == "mask":
-            opt.append(_operand_sharding(mesh, cfg.mask_full, b, hq))
+            opt.append(_operand_sharding(mesh, cfg.mask_full, b, hq, seq))
         else:
             opt.append(ns(b))
     return q, kv, rows, heads, opt
@@ -179,17 +188,32 @@ def _meshless(fn):
     return run
 
 
+def _ring_plan(cfg, mesh, q_info, k_info):
+    """Ring attention (`_ring`) when q's T and k's S are sharded over the same mesh axes:
+    (per-device fwd, per-device bwd, sequence axes); else the local compute and seq=None."""
+    from . import _ring
+    ring = _ring.partition_ring(cfg, mesh, q_info.sharding, k_info.sharding,
+                                q_info.shape[1], k_info.shape[1])
+    if ring is None:
+        return functools.partial(_local_fwd, cfg), functools.partial(_local_bwd, cfg), None
+    seq = ring.axes if len(ring.axes) > 1 else ring.axes[0]
+    return (functools.partial(_ring.ring_fwd, cfg, ring),
+            functools.partial(_ring.ring_bwd, cfg, ring), seq)
+
+
 def _fwd_partition(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[0].shape[2], arg_shapes[1].shape[2]
-    q, kv, rows, heads, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K))
-    return mesh, _meshless(functools.partial(_local_fwd, cfg)), (q, rows), (q, kv, kv, heads, *opt)
+    fwd, _, seq = _ring_plan(cfg, mesh, arg_shapes[0], arg_shapes[1])
+    q, kv, rows, heads, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K), seq)
+    return mesh, _meshless(fwd), (q, rows), (q, kv, kv, heads, *opt)
 
 
 def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
     plan = _plan(mesh, arg_shapes[1].sharding, N, K)
     b, hq, hk = plan
-    q, kv, rows, heads, opt = _shardings(cfg, mesh, plan)
+    _, bwd, seq = _ring_plan(cfg, mesh, arg_shapes[1], arg_shapes[2])
+    q, kv, rows, heads, opt = _shardings(cfg, mesh, plan, seq)
     # Gradients of operands replicated over a sharded axis are partial sums on each device.
     kv_sum = _as_tuple(hq) if hk is None else ()
     dbias_sum = ()
@@ -200,7 +224,7 @@ def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
         outs.append(opt[cfg.present.index("bias")])
 
     def lower(*args):
-        res = list(_local_bwd(cfg, *args))
+        res = list(bwd(*args))
         res[1], res[2] = _psum(res[1], kv_sum), _psum(res[2], kv_sum)
         if cfg.need_dbias:
             res[3] = _psum(res[3], dbias_sum)
@@ -211,21 +235,24 @@ def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
 
 def _fwd_infer(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[0].shape[2], arg_shapes[1].shape[2]
-    q, _, rows, _, _ = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K))
+    seq = _ring_plan(cfg, mesh, arg_shapes[0], arg_shapes[1])[2]
+    q, _, rows, _, _ = _shardings(cfg, mesh, _plan(mesh, arg_shapes[0].sharding, N, K), seq)
     return q, rows
 
 
 def _bwd_infer(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
-    q, kv, _, _, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[1].sharding, N, K))
+    seq = _ring_plan(cfg, mesh, arg_shapes[1], arg_shapes[2])[2]
+    q, kv, _, _, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[1].sharding, N, K), seq)
     outs = [q, kv, kv] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
     return tuple(outs)
 
 
 @functools.lru_cache(maxsize=None)
-def _partitioned(kind, cfg, G):
-    fwd_rule, bwd_rule, sizes = _rules(cfg, G)
-    replicated = ("t", "s", "h", "e")
+def _partitioned(kind, cfg, G, K):
+    fwd_rule, bwd_rule, sizes = _rules(cfg, G, K)
+    from . import _ring  # the ring hook keeps t, s sharded (JCA_RING=0: replicate, as before)
+    replicated = ("h", "e") if _ring.enabled() else ("t", "s", "h", "e")
     if kind == "fwd":
         op = custom_partitioning(functools.partial(_local_fwd, cfg))
         op.def_partition(partition=functools.partial(_fwd_partition, cfg),
@@ -260,8 +287,8 @@ def _fold(x, batched, size):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(kind, cfg, G):
-    sharded = _partitioned(kind, cfg, G)
+def _batched(kind, cfg, G, K):
+    sharded = _partitioned(kind, cfg, G, K)
     names = (("do",) if kind == "bwd" else ()) + ("q", "k", "v") \
         + (("out", "lse") if kind == "bwd" else ()) + ("scale",) + cfg.present
 
@@ -293,7 +320,7 @@ def _batched(kind, cfg, G):
             folded.append(_fold(a, b, axis_size))
         inner = cfg._replace(**{f"{n}_full": tuple(d != 1 for d in folded[names.index(n)].shape)
                                 for n in ("bias", "mask") if n in names})
-        outs = _batched(kind, inner, G)(*folded)
+        outs = _batched(kind, inner, G, K)(*folded)
         outs = [o.reshape((axis_size, o.shape[0] // axis_size, *o.shape[1:])) for o in outs]
         if kind == "bwd" and cfg.need_dbias and expanded_bias:
             outs[3] = jnp.sum(outs[3], axis=1, keepdims=True)  # back to the bias's shared batch dim
@@ -320,8 +347,9 @@ def _present(bias, mask, q_len, kv_len):
 
 
 def _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
-    G = q.shape[2] // k.shape[2]
-    return _batched("fwd", cfg, G)(q, k, v, scale, *_present(bias, mask, q_len, kv_len))
+    K = k.shape[2]
+    return _batched("fwd", cfg, q.shape[2] // K, K)(q, k, v, scale,
+                                                   *_present(bias, mask, q_len, kv_len))
 
 
 def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
@@ -329,28 +357,28 @@ def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
     return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse)
 
 
-def _same_sharding(x, like):
-    """x with like's dtype and (Explicit-mesh) sharding, as custom_vjp requires of cotangents."""
+def _like(x, like):
+    """Cotangent x with like's dtype and (Explicit-mesh) sharding, as custom_vjp requires."""
     x = x.astype(like.dtype)
     want = jax.typeof(like).sharding
-    if jax.typeof(x).sharding != want:
+    if jax.typeof(x).sharding.spec != want.spec:  # (Auto meshes may differ in the mesh only)
         x = jax.sharding.reshard(x, want.spec)
     return x
 
 
 def _core_bwd(cfg, res, do):
     q, k, v, scale, bias, mask, q_len, kv_len, out, lse = res
-    G = q.shape[2] // k.shape[2]
-    grads = _batched("bwd", cfg, G)(do, q, k, v, out, lse, scale,
-                                     *_present(bias, mask, q_len, kv_len))
+    K = k.shape[2]
+    grads = _batched("bwd", cfg, q.shape[2] // K, K)(do, q, k, v, out, lse, scale,
+                                                     *_present(bias, mask, q_len, kv_len))
     dq_acc, dk, dv = grads[:3]
     scale_f32 = scale.astype(jnp.float32)
-    dq = (dq_acc * scale_f32[None, None, :, None]).astype(q.dtype)
-    dscale = _same_sharding(jnp.sum(q.astype(jnp.float32) * dq_acc, axis=(0, 1, 3)), scale)
+    dq = _like(dq_acc * scale_f32[None, None, :, None], q)
+    dscale = _like(jnp.sum(q.astype(jnp.float32) * dq_acc, axis=(0, 1, 3)), scale)
     dbias = None
     if bias is not None:
-        dbias = grads[3].astype(bias.dtype) if cfg.need_dbias else jnp.zeros_like(bias)
-    return dq, dk, dv, dscale, dbias, None, None, None
+        dbias = _like(grads[3], bias) if cfg.need_dbias else jnp.zeros_like(bias)
+    return dq, _like(dk, k), _like(dv, v), dscale, dbias, None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -84,10 +84,15 @@ class _Layout:
         x = _pad_axis(x, 2, self.Tp)
         return x.reshape(self.B, self.K, self.G, self.Tp)
 
+    # Reshapes below merge one pair of axes at a time: Explicit-mesh sharding rules need that.
     def from_q_blocks(self, blocks):  # [nq,B,K,G,bq,D] -> [B,T,N,D]
         D = blocks.shape[-1]
-        x = blocks.transpose(1, 0, 4, 2, 3, 5).reshape(self.B, self.Tp, self.N, D)
-        return x[:, :self.T]
+        x = blocks.transpose(1, 0, 4, 2, 3, 5).reshape(self.B, self.Tp, self.K, self.G, D)
+        return x.reshape(self.B, self.Tp, self.N, D)[:, :self.T]
+
+    def from_row_blocks(self, blocks):  # [nq,B,K,G,bq] -> [B,N,T]
+        x = blocks.transpose(1, 2, 3, 0, 4).reshape(self.B, self.K, self.G, self.Tp)
+        return x.reshape(self.B, self.N, self.Tp)[:, :, :self.T]
 
     def key_block_end(self, t0):
         """One past the last key block that query rows [t0, t0 + bq) can see."""
@@ -155,7 +160,7 @@ def forward(q, k, v, scale, bias, mask, q_len, kv_len, *, is_causal):
 
     out_blocks, lse_blocks = lax.map(q_block, jnp.arange(L.nq))
     out = L.from_q_blocks(out_blocks)
-    lse = lse_blocks.transpose(1, 2, 3, 0, 4).reshape(L.B, L.N, L.Tp)[:, :, :L.T]
+    lse = L.from_row_blocks(lse_blocks)
     return out, lse
 
 
@@ -231,8 +236,8 @@ def backward(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, *, is_caus
 
         g0 = jnp.zeros_like(lax.dynamic_slice_in_dim(qT, t0, L.bq, 3), _F32)
         db0 = jnp.zeros((), _F32)
-        if want_dbias:
-            db0 = jnp.zeros_like(lax.slice_in_dim(L.bias5, 0, db_shape[3], axis=3), _F32)
+        if want_dbias:  # reduced like the dS blocks it accumulates, so shardings agree
+            db0 = _reduce_to(g0[..., :1], db_shape[:4] + (1,)) + jnp.zeros((db_shape[4],), _F32)
         init = (g0, db0)
         return lax.fori_loop(0, L.key_block_end(t0), body, init)
 

@@ -1,9 +1,9 @@
 """Public entry points: `cosine_sim_attention` and its `shard_map` wrapper."""
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
-from . import _cuda
+from . import _cuda, _ops
 from ._checks import canonicalize
 from ._ops import Config, OPTIONALS, attention_core
 from .normalize import DEFAULT_EPS, l2norm
@@ -57,6 +57,16 @@ def cosine_sim_attention(query, key, value, bias=None, mask=None, *, scale=10.0,
     Returns:
       [B,T,N,Hv] (or [T,N,Hv]) in the query's dtype.
     """
+    return _attention(query, key, value, bias, mask, scale=scale, groups=groups,
+                      l2norm_qk=l2norm_qk, is_causal=is_causal,
+                      query_seq_lengths=query_seq_lengths,
+                      key_value_seq_lengths=key_value_seq_lengths, implementation=implementation,
+                      deterministic=deterministic, eps=eps)
+
+
+def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_causal,
+               query_seq_lengths, key_value_seq_lengths, implementation, deterministic, eps,
+               mesh=None, batch_axes=None, head_axes=None):
     c = canonicalize(query, key, value, bias, mask, scale=scale, groups=groups,
                      query_seq_lengths=query_seq_lengths,
                      key_value_seq_lengths=key_value_seq_lengths, implementation=implementation)
@@ -70,50 +80,79 @@ def cosine_sim_attention(query, key, value, bias=None, mask=None, *, scale=10.0,
         bias_full=None if c.bias is None else tuple(d != 1 for d in c.bias.shape),
         mask_full=None if c.mask is None else tuple(d != 1 for d in c.mask.shape),
         need_dbias=c.bias is not None)
-    out = attention_core(q, k, c.v, c.scale, c.bias, c.mask, c.q_len, c.kv_len, cfg)
+    if mesh is not None:
+        plan = (mesh,) + _ops.head_plan(mesh, (batch_axes, None, head_axes, None), c.q.shape[2],
+                                        c.k.shape[2])
+    else:
+        plan = _explicit_mesh_plan(c)
+    if plan is None:
+        out = attention_core(q, k, c.v, c.scale, c.bias, c.mask, c.q_len, c.kv_len, cfg)
+    else:
+        out = _under_shard_map(plan, cfg, q, k, c)
     return out[0] if c.unbatched else out
 
 
-def _operand_spec(x, batch_axes, head_axes):
-    if x is None:
+def _explicit_mesh_plan(c):
+    """(mesh, batch axes, q-head axes, kv-head axes) when q is sharded on an Explicit mesh.
+
+    Explicit meshes type every intermediate with a sharding, which the per-device compute
+    should not see: such calls run under `shard_map` over the batch and head axes instead of
+    `custom_partitioning`. Other dims are resharded to replicated first.
+    """
+    sharding = jax.typeof(c.q).sharding
+    mesh = sharding.mesh
+    if mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
         return None
-    shape = x.shape[-4:] if x.ndim >= 4 else (1,) * (4 - x.ndim) + x.shape
-    lead = (None,) * (x.ndim - 4) if x.ndim > 4 else ()
-    spec = (batch_axes if shape[0] != 1 else None, head_axes if shape[1] != 1 else None, None, None)
-    return P(*(lead + spec[4 - min(x.ndim, 4):]))
+    spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+    if c.unbatched or all(s is None for s in spec):
+        return None
+    b, hq, hk = _ops.head_plan(mesh, spec, c.q.shape[2], c.k.shape[2])
+    return mesh, b, hq, hk
+
+
+def _under_shard_map(plan, cfg, q, k, c):
+    mesh, b, hq, hk = plan
+    q_spec, kv_spec = P(b, None, hq, None), P(b, None, hk, None)
+    operands = dict(bias=c.bias, mask=c.mask, q_len=c.q_len, kv_len=c.kv_len)
+    present = [n for n in OPTIONALS if operands[n] is not None]
+    specs = dict(bias=cfg.bias_full, mask=cfg.mask_full)
+    opt_specs = [P(b if specs[n][0] else None, hq if specs[n][1] else None, None, None)
+                 if n in specs else P(b) for n in present]
+    in_specs = (q_spec, kv_spec, kv_spec, P(hq)) + tuple(opt_specs)
+    args = (q, k, c.v, c.scale) + tuple(operands[n] for n in present)
+    if AxisType.Explicit in tuple(mesh.axis_types):  # shard_map then wants inputs as specified
+        args = tuple(jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs))
+
+    def local(q, k, v, scale, *rest):
+        got = dict(zip(present, rest))
+        return attention_core(q, k, v, scale, *(got.get(n) for n in OPTIONALS), cfg)
+
+    # check_vma=False: shard_map's transpose then sums the gradients of operands replicated
+    # over a mesh axis (scale, a shared bias, MQA's kv head) across that axis.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                         check_vma=False)(*args)
 
 
 def sharded_cosine_sim_attention(mesh, *, batch_axes=None, head_axes=None, **options):
     """`cosine_sim_attention` under an explicit `jax.shard_map` over batch and head axes.
 
     For users of `jax.export` or persistent compilation caches, where `custom_partitioning`
-    is a poor fit. q/k/v/bias/mask are sharded [batch_axes, -, head_axes, -] (k/v heads too, so
-    the kv head count must be divisible by the head-axes size); sequence and head dims are
-    replicated. `options` are cosine_sim_attention's keywords; a per-head `scale` array is
-    passed as the `scale` argument of the returned function so it can be sharded by head.
-
-    Returns f(query, key, value, bias=None, mask=None, scale=None, query_seq_lengths=None,
-    key_value_seq_lengths=None).
+    is a poor fit. q/k/v/bias/mask are split over `batch_axes` and `head_axes` (kv heads too
+    when they divide evenly, MQA keeps its kv head replicated); sequence and head dims are
+    replicated. `options` are cosine_sim_attention's keywords. Returns
+    f(query, key, value, bias=None, mask=None, *, scale=..., query_seq_lengths=...,
+    key_value_seq_lengths=...) where a per-head `scale` array is split by head.
     """
-    def call(query, key, value, bias=None, mask=None, scale=None, query_seq_lengths=None,
-             key_value_seq_lengths=None):
-        qkv_spec = P(batch_axes, None, head_axes, None)
-        args = dict(bias=bias, mask=mask, scale=scale, query_seq_lengths=query_seq_lengths,
-                    key_value_seq_lengths=key_value_seq_lengths)
-        specs = dict(bias=_operand_spec(bias, batch_axes, head_axes),
-                     mask=_operand_spec(mask, batch_axes, head_axes),
-                     scale=None if scale is None or jax.numpy.ndim(scale) == 0 else P(head_axes),
-                     query_seq_lengths=P(batch_axes), key_value_seq_lengths=P(batch_axes))
-        names = [n for n, a in args.items() if a is not None]
+    defaults = dict(scale=10.0, groups=1, l2norm_qk=True, is_causal=False,
+                    query_seq_lengths=None, key_value_seq_lengths=None, implementation=None,
+                    deterministic=False, eps=DEFAULT_EPS)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"sharded_cosine_sim_attention: unknown options {sorted(unknown)}")
 
-        def local(q, k, v, *rest):
-            kw = dict(options)
-            kw.update(zip(names, rest))
-            return cosine_sim_attention(q, k, v, **kw)
-
-        in_specs = (qkv_spec, qkv_spec, qkv_spec) + tuple(
-            specs[n] if specs[n] is not None else P() for n in names)
-        f = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec)
-        return f(query, key, value, *(args[n] for n in names))
+    def call(query, key, value, bias=None, mask=None, **kwargs):
+        kw = defaults | options | kwargs
+        return _attention(query, key, value, bias, mask, **kw, mesh=mesh, batch_axes=batch_axes,
+                          head_axes=head_axes)
 
     return call
