@@ -35,7 +35,7 @@ def test_batch_head_sharding_has_no_collectives(results, config, stage):
 
 
 def test_output_stays_sharded(results):
-    assert results["Auto-K2-bias1"]["fwd"]["out_spec"].startswith("PartitionSpec('data', None, 'model'")
+    assert "'data', None, 'model'" in results["Auto-K2-bias1"]["fwd"]["out_spec"]
 
 
 def test_shard_map_helper(results):
