@@ -134,30 +134,39 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
     gemm_rB_nt<KT, NTS>(dpacc, df, v_s, ST, lane);
 
     const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+    auto body = [&](auto check, auto bias) {
+      constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
 #pragma unroll
-    for (int j = 0; j < NTS; ++j) {
+      for (int j = 0; j < NTS; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1;
-        const int s = s0 + 8 * j + 2 * c + (e & 1);
-        bool ok = true;
-        if (need_check) {
-          ok = s < lims[h];
-          if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int s = s0 + 8 * j + 2 * c + (e & 1);
+          bool ok = true;
+          if constexpr (CHECK) {
+            ok = s < lims[h];
+            if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
+          }
+          float x = sacc[j][e] * c2;
+          if constexpr (BIAS) {
+            if (ok) x = fmaf(bias_r[h][s * p.bias_ss], kLog2e, x);
+          }
+          float pv = ex2(x - rl[h]);
+          if constexpr (CHECK) pv = ok ? pv : 0.f;
+          const float ds = pv * (dpacc[j][e] - rd[h]);
+          if constexpr (BIAS) {
+            if (p.dbias_mode != DBiasMode::kNone && ok) {
+              float* dst = dbias_r[h] + s * p.bias_ss;
+              if (p.dbias_mode == DBiasMode::kStore) *dst = ds;
+              else if (p.dbias_mode == DBiasMode::kAtomic) atomicAdd(dst, ds);
+              else *dst += ds;
+            }
+          }
+          sacc[j][e] = ds;
         }
-        float x = sacc[j][e] * c2;
-        if (p.bias && ok) x = fmaf(bias_r[h][s * p.bias_ss], kLog2e, x);
-        const float pv = ok ? ex2(x - rl[h]) : 0.f;
-        const float ds = pv * (dpacc[j][e] - rd[h]);
-        if (p.dbias_mode != DBiasMode::kNone && ok) {
-          float* dst = dbias_r[h] + s * p.bias_ss;
-          if (p.dbias_mode == DBiasMode::kStore) *dst = ds;
-          else if (p.dbias_mode == DBiasMode::kAtomic) atomicAdd(dst, ds);
-          else *dst += ds;
-        }
-        sacc[j][e] = ds;
       }
-    }
+    };
+    dispatch2(need_check, p.bias != nullptr, body);
     uint32_t dsf[NTS / 2][4];
     acc_to_a<NTS, T>(dsf, sacc);
     gemm_rB_t<NTS / 2, NTO>(dqacc, dsf, k_s, ST, lane);
@@ -299,26 +308,33 @@ __global__ void __launch_bounds__(Tr::kThreads) dkdv_kernel(const Params p) {
                             (p.causal && s0 + BCK - 1 > tq0 + p.S - p.T);
     const int64_t bo = b * p.bias_sb + n * p.bias_sn;
     const int64_t mo = b * p.mask_sb + n * p.mask_sn;
+    auto body = [&](auto check, auto bias) {
+      constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
 #pragma unroll
-    for (int j = 0; j < NTQ; ++j) {
+      for (int j = 0; j < NTQ; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = srow[e >> 1];
-        const int tl = 8 * j + 2 * c + (e & 1);
-        const int t = tq0 + tl;
-        bool ok = true;
-        if (need_check) {
-          ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
-          if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+        for (int e = 0; e < 4; ++e) {
+          const int s = srow[e >> 1];
+          const int tl = 8 * j + 2 * c + (e & 1);
+          const int t = tq0 + tl;
+          bool ok = true;
+          if constexpr (CHECK) {
+            ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
+            if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+          }
+          float x = sacc[j][e] * c2;
+          if constexpr (BIAS) {
+            if (ok) x = fmaf(p.bias[bo + t * p.bias_st + s * p.bias_ss], kLog2e, x);
+          }
+          float pv = ex2(x - l_s[tl]);
+          if constexpr (CHECK) pv = ok ? pv : 0.f;
+          const float ds = pv * (dpacc[j][e] - d_s[tl]);
+          sacc[j][e] = pv;
+          dpacc[j][e] = ds * sc;
         }
-        float x = sacc[j][e] * c2;
-        if (p.bias && ok) x = fmaf(p.bias[bo + t * p.bias_st + s * p.bias_ss], kLog2e, x);
-        const float pv = ok ? ex2(x - l_s[tl]) : 0.f;
-        const float ds = pv * (dpacc[j][e] - d_s[tl]);
-        sacc[j][e] = pv;
-        dpacc[j][e] = ds * sc;
       }
-    }
+    };
+    dispatch2(need_check, p.bias != nullptr, body);
     uint32_t pf[NTQ / 2][4];
     acc_to_a<NTQ, T>(pf, sacc);
     gemm_rB_t<NTQ / 2, NTO>(dvacc, pf, o_s, ST, lane);  // dV += P^T dO

@@ -140,75 +140,92 @@ __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(const Params p) {
       mgemm_rB_nt<MT, KT, NTS>(sacc, qf, sK + stage * Tr::kStageElems, ST, lane);
 
     const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+    // validity of element (r, s) (only evaluated in the CHECK variants)
+    auto valid = [&](int r, int s) {
+      bool ok = s < lims[r];
+      if (ok && p.mask) ok = mask_r[r][s * p.mask_ss] != 0;
+      return ok;
+    };
 
     if (fixed) {
+      auto body = [&](auto check, auto) {
+        constexpr bool CHECK = decltype(check)::value;
+        float part[R][2];
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = 0.f;
 #pragma unroll
-        for (int j = 0; j < NTS; ++j)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * m + (e >> 1);
-            const int s = s0 + 8 * j + 2 * c + (e & 1);
-            float pv = ex2(fmaf(sacc[m][j][e], c2, shift2));
-            if (need_check) {
-              bool ok = s < lims[r];
-              if (ok && p.mask) ok = mask_r[r][s * p.mask_ss] != 0;
-              pv = ok ? pv : 0.f;
+          for (int j = 0; j < NTS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * m + (e >> 1);
+              float pv = ex2(fmaf(sacc[m][j][e], c2, shift2));
+              if constexpr (CHECK) pv = valid(r, s0 + 8 * j + 2 * c + (e & 1)) ? pv : 0.f;
+              sacc[m][j][e] = pv;
+              part[r][j & 1] += pv;  // two independent chains per row
             }
-            sacc[m][j][e] = pv;
-            lsum[r] += pv;
-          }
+#pragma unroll
+        for (int r = 0; r < R; ++r) lsum[r] += part[r][0] + part[r][1];
+      };
+      dispatch2(need_check, false, body);
     } else {
-      float tmax[R];
+      auto body = [&](auto check, auto bias) {
+        constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
+        float tmax[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) tmax[r] = -INFINITY;
+        for (int r = 0; r < R; ++r) tmax[r] = -INFINITY;
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int j = 0; j < NTS; ++j)
+          for (int j = 0; j < NTS; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * m + (e >> 1);
-            const int s = s0 + 8 * j + 2 * c + (e & 1);
-            bool ok = true;
-            if (need_check) {
-              ok = s < lims[r];
-              if (ok && p.mask) ok = mask_r[r][s * p.mask_ss] != 0;
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * m + (e >> 1);
+              const int s = s0 + 8 * j + 2 * c + (e & 1);
+              const bool ok = CHECK ? valid(r, s) : true;
+              float x = sacc[m][j][e] * c2;
+              if constexpr (BIAS) {
+                if (ok) x = fmaf(bias_r[r][s * p.bias_ss], kLog2e, x);
+              }
+              if constexpr (CHECK) x = ok ? x : -INFINITY;
+              sacc[m][j][e] = x;
+              tmax[r] = fmaxf(tmax[r], x);
             }
-            float x = sacc[m][j][e] * c2;
-            if (has_bias && ok) x = fmaf(bias_r[r][s * p.bias_ss], kLog2e, x);
-            x = ok ? x : -INFINITY;
-            sacc[m][j][e] = x;
-            tmax[r] = fmaxf(tmax[r], x);
-          }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float mnew = fmaxf(mrow[r], quad_max(tmax[r]));
-        // alpha rescales what was accumulated under the old max; -inf old max -> nothing yet.
-        const float alpha = (mrow[r] == -INFINITY) ? 0.f : ex2(mrow[r] - mnew);
-        if (mnew != mrow[r]) {
-          lsum[r] *= alpha;
+        for (int r = 0; r < R; ++r) {
+          const float mnew = fmaxf(mrow[r], quad_max(tmax[r]));
+          // alpha rescales what was accumulated under the old max; -inf old max: nothing yet.
+          const float alpha = (mrow[r] == -INFINITY) ? 0.f : ex2(mrow[r] - mnew);
+          if (mnew != mrow[r]) {
+            lsum[r] *= alpha;
 #pragma unroll
-          for (int j = 0; j < NTO; ++j) {
-            oacc[r >> 1][j][2 * (r & 1)] *= alpha;
-            oacc[r >> 1][j][2 * (r & 1) + 1] *= alpha;
+            for (int j = 0; j < NTO; ++j) {
+              oacc[r >> 1][j][2 * (r & 1)] *= alpha;
+              oacc[r >> 1][j][2 * (r & 1) + 1] *= alpha;
+            }
           }
+          mrow[r] = mnew;
+          tmax[r] = (mnew == -INFINITY) ? 0.f : mnew;
         }
-        mrow[r] = mnew;
-        tmax[r] = (mnew == -INFINITY) ? 0.f : mnew;
-      }
+        float part[R][2];
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = 0.f;
 #pragma unroll
-        for (int j = 0; j < NTS; ++j)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * m + (e >> 1);
-            const float pv = ex2(sacc[m][j][e] - tmax[r]);  // -inf -> 0
-            sacc[m][j][e] = pv;
-            lsum[r] += pv;
-          }
+          for (int j = 0; j < NTS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * m + (e >> 1);
+              const float pv = ex2(sacc[m][j][e] - tmax[r]);  // -inf -> 0
+              sacc[m][j][e] = pv;
+              part[r][j & 1] += pv;
+            }
+#pragma unroll
+        for (int r = 0; r < R; ++r) lsum[r] += part[r][0] + part[r][1];
+      };
+      dispatch2(need_check, has_bias, body);
     }
 
     uint32_t pf[MT][NTS / 2][4];

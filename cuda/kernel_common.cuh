@@ -184,6 +184,23 @@ __device__ __forceinline__ void mgemm_rB_t(float (&acc)[MT][NT][4], const uint32
   }
 }
 
+// Compile-time bool for generic lambdas: uniform run-time flags dispatch to specialised loops so
+// the per-element code carries no checks it does not need.
+template <bool B>
+struct BoolC {
+  static constexpr bool value = B;
+};
+template <class F>
+__device__ __forceinline__ void dispatch2(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(BoolC<true>{}, BoolC<true>{});
+    else f(BoolC<true>{}, BoolC<false>{});
+  } else {
+    if (b) f(BoolC<false>{}, BoolC<true>{});
+    else f(BoolC<false>{}, BoolC<false>{});
+  }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
 #pragma unroll
