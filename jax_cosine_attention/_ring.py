@@ -550,3 +550,26 @@ def partition_ring(cfg, mesh, q_sharding, k_sharding, T, S):
     if ring.size <= 1 or unsupported_reason(cfg, T, S, ring) is not None:
         return None
     return ring
+
+
+def explicit_mesh_ring(plan, cfg, q, k):
+    """For `api`'s Explicit-mesh path (q typed with an Explicit sharding): a spec for
+    `ring_core` when q's T and k's S are sharded over the same mesh axes and the ring serves
+    this configuration, else None (then the sequence is replicated, as before)."""
+    if not enabled():
+        return None
+    mesh, b, hq, hk = plan
+    tq = _ops._spec(jax.typeof(q).sharding, 4)[1]
+    sk = _ops._spec(jax.typeof(k).sharding, 4)[1]
+    axes = _as_tuple(tq)
+    if not axes or axes != _as_tuple(sk):
+        return None
+    ring = Ring(axes, _ops._axes_size(mesh, axes), "contiguous")
+    if ring.size <= 1 or unsupported_reason(cfg, q.shape[1], k.shape[1], ring) is not None:
+        return None
+    return _Spec(mesh, ring, b, hq, hk)
+
+
+def ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec):
+    """Differentiable ring attention on global (sharded) arrays; spec from `explicit_mesh_ring`."""
+    return _ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec)

@@ -126,7 +126,7 @@ def main():
     zig = lambda x, ax=1: _ring.to_zigzag(x, n, axis=ax)
     unzig = lambda x: _ring.from_zigzag(x, n)
     lens = dict(key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
-    for layout, causal in (("contiguous", False), ("contiguous", True), ("zigzag", True)):
+    for layout, causal in (("contiguous", False), ("zigzag", True)):
         name = f"helper-{layout}-{'causal' if causal else 'full'}"
         if not want(name):
             continue
@@ -174,6 +174,10 @@ def main():
     if want("hook-causal"):
         hook_case("hook-causal", seq_mesh, P(None, "sp", None, None), True,
                   key_value_seq_lengths=kv_len)
+    if want("hook-explicit-causal"):  # Explicit mesh: api routes to the shard_map ring
+        emesh = jax.make_mesh((n,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
+        hook_case("hook-explicit-causal", emesh, P(None, "sp", None, None), True,
+                  key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
     if n >= 4 and want("hook-batch-seq-mask"):
         mesh3 = jax.make_mesh((2, n // 2), ("dp", "sp"), axis_types=(auto, auto))
         hook_case("hook-batch-seq-mask", mesh3, P("dp", "sp", None, None), False, mask=key_mask,

@@ -31,11 +31,11 @@ def results():
 
 RING_CASES = [
     "helper-contiguous-full",       # non-causal, GQA, key padding + query lengths
-    "helper-contiguous-causal",     # causal, masked blocks skipped
     "helper-zigzag-causal",         # load-balanced layout
     "helper-2axes-zigzag-mask",     # ring over two mesh axes, key-padding mask, empty rows
     "helper-batch-seq-mqa",         # batch x sequence mesh, MQA
     "hook-causal",                  # plain cosine_sim_attention, NamedSharding on the sequence
+    "hook-explicit-causal",         # ... on an Explicit mesh (shard_map ring path)
     "hook-batch-seq-mask",          # ... batch x sequence, non-causal, key-padding mask
 ]
 
