@@ -3,7 +3,7 @@
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from . import _cuda, _ops
+from . import _cuda, _ops, _ring
 from ._checks import canonicalize
 from ._ops import Config, OPTIONALS, attention_core
 from .normalize import DEFAULT_EPS, l2norm
@@ -85,8 +85,13 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
                                         c.k.shape[2])
     else:
         plan = _explicit_mesh_plan(c)
+    ring = None
+    if plan is not None and mesh is None:  # Explicit mesh, sequence sharded: ring attention
+        ring = _ring.explicit_mesh_ring(plan, cfg, q, k)
     if plan is None:
         out = attention_core(q, k, c.v, c.scale, c.bias, c.mask, c.q_len, c.kv_len, cfg)
+    elif ring is not None:
+        out = _ring.ring_core(q, k, c.v, c.scale, c.mask, c.q_len, c.kv_len, cfg, ring)
     else:
         out = _under_shard_map(plan, cfg, q, k, c)
     return out[0] if c.unbatched else out
