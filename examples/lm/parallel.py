@@ -41,16 +41,6 @@ def batch_sharding(mesh, batch):
     return {k: NamedSharding(mesh, P("data", *([None] * (np.ndim(v) - 1)))) for k, v in batch.items()}
 
 
-def mesh_context(mesh):
-    """Context manager making `mesh` the ambient mesh while tracing (jax.set_mesh on current
-    JAX, use_mesh / `with mesh:` on older). Needed by ops that reshard against the context
-    mesh (jax_cosine_attention's dscale cotangent as of f3e8500)."""
-    for fn in (getattr(jax, "set_mesh", None), getattr(jax.sharding, "use_mesh", None)):
-        if fn is not None:
-            return fn(mesh)
-    return mesh
-
-
 # Parameter partitioning by name (as dalle-mini's partitions.py): heads / MLP units on "model".
 _RULES = {
     ("query", "kernel"): (None, "model", None), ("key", "kernel"): (None, "model", None),

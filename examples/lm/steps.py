@@ -60,7 +60,8 @@ class Steps:
             loss, grads = jax.value_and_grad(lambda p: forward(self.model, p, batch))(state["params"])
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                                      for g in jax.tree.leaves(grads)))}
             return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
         self.init_state = jax.jit(init_state, out_shardings=self.state_sharding)

@@ -80,9 +80,7 @@ def evaluate(steps, params, vbatches, cfg):
 
 def train(cfg):
     """Trains (or resumes) the run in cfg.out; returns the summary dict."""
-    mesh = parallel.make_mesh(cfg.tensor_parallel)
-    with parallel.mesh_context(mesh):
-        return _train(cfg, mesh)
+    return _train(cfg, parallel.make_mesh(cfg.tensor_parallel))
 
 
 def _train(cfg, mesh):
