@@ -43,31 +43,38 @@ __global__ void bwd_preprocess(const Params p) {
   }
 }
 
-template <int D_, int NW_, int BC_, typename T_>
+template <int D_, int NW_, int MT_, int BC_, typename T_>
 struct DqTraits {
   using T = T_;
-  static constexpr int D = D_, NW = NW_, BC = BC_;
-  static constexpr int BR = 16 * NW;
+  static constexpr int D = D_, NW = NW_, MT = MT_, BC = BC_;
+  static constexpr int BR = 16 * MT * NW;  // query rows per CTA (MT 16-row tiles per warp)
   static constexpr int kThreads = 32 * NW;
   static constexpr int kStride = D + 8;
   static constexpr int kStageElems = BC * kStride;
-  static constexpr size_t kSmem = size_t(2) * 2 * kStageElems * sizeof(T);
+  static constexpr int kQElems = BR * kStride;
+  // K, V x 2 stages + Q and dO tiles (A operands re-read from smem)
+  static constexpr size_t kSmem = (size_t(2) * 2 * kStageElems + size_t(2) * kQElems) * sizeof(T);
 };
 
 template <class Tr>
 __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b,
-                                        typename Tr::T* sK, typename Tr::T* sV) {
+                                        typename Tr::T* sK, typename Tr::T* sV,
+                                        typename Tr::T* sQ, typename Tr::T* sdO) {
   using T = typename Tr::T;
-  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, ST = Tr::kStride;
-  constexpr int KT = D / 16, NTS = BC / 8, NTO = D / 8;
+  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, ST = Tr::kStride, MT = Tr::MT;
+  constexpr int KT = D / 16, NTS = BC / 8, NTO = D / 8, R = 2 * MT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int kh = n / p.hpk;
   const int t0 = qtile * BR;
-  const int wr0 = t0 + warp * 16;
-  const int row0 = wr0 + g, row1 = row0 + 8;
+  const int wr0 = t0 + warp * 16 * MT;
   const RowLimits L = make_limits(p, b);
-  const int lims[2] = {L(row0), L(row1)};
-  const int warp_min_lim = min(L(wr0), L(wr0 + 15));
+  int rows[R], lims[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    rows[r] = wr0 + 8 * r + g;
+    lims[r] = L(rows[r]);
+  }
+  const int warp_min_lim = min(L(wr0), L(wr0 + 16 * MT - 1));
   const int cta_last = min(t0 + BR, L.qlen) - 1;
   const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
   const int ntiles = (kv_end + BC - 1) / BC;
@@ -77,38 +84,34 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
   const T* kb = static_cast<const T*>(p.k) + int64_t(b) * p.S * krow + int64_t(kh) * D;
   const T* vb = static_cast<const T*>(p.v) + int64_t(b) * p.S * krow + int64_t(kh) * D;
 
+  load_tile<BR, D, Tr::kThreads>(sQ, static_cast<const T*>(p.q) + qoff, qrow, t0, p.T, tid);
+  load_tile<BR, D, Tr::kThreads>(sdO, static_cast<const T*>(p.dout) + qoff, qrow, t0, p.T, tid);
   if (ntiles > 0) {
     load_tile<BC, D, Tr::kThreads>(sK, kb, krow, 0, p.S, tid);
     load_tile<BC, D, Tr::kThreads>(sV, vb, krow, 0, p.S, tid);
-    cp_async_commit();
   }
-  uint32_t qf[KT][4], df[KT][4];
-  load_a_global<KT>(qf, static_cast<const T*>(p.q) + qoff, qrow, wr0, p.T, lane);
-  load_a_global<KT>(df, static_cast<const T*>(p.dout) + qoff, qrow, wr0, p.T, lane);
+  cp_async_commit();
 
   const int64_t rows_total = int64_t(p.B) * p.N * p.T;
   const float* delta = static_cast<const float*>(p.workspace);
   const float* lse2 = delta + rows_total;
-  const int rows[2] = {row0, row1};
-  float rl[2], rd[2];
-  const float* bias_r[2] = {nullptr, nullptr};
-  const uint8_t* mask_r[2] = {nullptr, nullptr};
-  float* dbias_r[2] = {nullptr, nullptr};
+  float rl[R], rd[R];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int t = min(rows[h], p.T - 1);
-    const int64_t ri = (int64_t(b) * p.N + n) * p.T + t;
-    rl[h] = lse2[ri];
-    rd[h] = delta[ri];
-    const int64_t bo = b * p.bias_sb + n * p.bias_sn + t * p.bias_st;
-    if (p.bias) bias_r[h] = p.bias + bo;
-    if (p.dbias) dbias_r[h] = p.dbias + bo;
-    if (p.mask) mask_r[h] = p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st;
+  for (int r = 0; r < R; ++r) {
+    const int64_t ri = (int64_t(b) * p.N + n) * p.T + min(rows[r], p.T - 1);
+    rl[r] = lse2[ri];
+    rd[r] = delta[ri];
   }
+  // bias / dbias / mask rows are addressed on use (only for valid elements, hence t < T)
+  const int64_t bias_bn = int64_t(b) * p.bias_sb + int64_t(n) * p.bias_sn;
+  const int64_t mask_bn = int64_t(b) * p.mask_sb + int64_t(n) * p.mask_sn;
   const float c2 = p.scale[n] * kLog2e;
+  const T* q_s = sQ + warp * 16 * MT * ST;
+  const T* o_s = sdO + warp * 16 * MT * ST;
 
-  float dqacc[NTO][4];
-  zero_acc(dqacc);
+  float dqacc[MT][NTO][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) zero_acc(dqacc[m]);
 
   for (int it = 0; it < ntiles; ++it) {
     const int stage = it & 1;
@@ -127,59 +130,71 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
     const T* k_s = sK + stage * Tr::kStageElems;
     const T* v_s = sV + stage * Tr::kStageElems;
 
-    float sacc[NTS][4], dpacc[NTS][4];
-    zero_acc(sacc);
-    zero_acc(dpacc);
-    gemm_rB_nt<KT, NTS>(sacc, qf, k_s, ST, lane);
-    gemm_rB_nt<KT, NTS>(dpacc, df, v_s, ST, lane);
+    float sacc[MT][NTS][4], dpacc[MT][NTS][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      zero_acc(sacc[m]);
+      zero_acc(dpacc[m]);
+    }
+    mgemm_sA_nt<MT, KT, NTS>(sacc, q_s, k_s, ST, lane);   // S = Q K^T
+    mgemm_sA_nt<MT, KT, NTS>(dpacc, o_s, v_s, ST, lane);  // dP = dO V^T
 
     const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
     auto body = [&](auto check, auto bias) {
       constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
 #pragma unroll
-      for (int j = 0; j < NTS; ++j) {
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int s = s0 + 8 * j + 2 * c + (e & 1);
-          bool ok = true;
-          if constexpr (CHECK) {
-            ok = s < lims[h];
-            if (ok && p.mask) ok = mask_r[h][s * p.mask_ss] != 0;
-          }
-          float x = sacc[j][e] * c2;
-          if constexpr (BIAS) {
-            if (ok) x = fmaf(bias_r[h][s * p.bias_ss], kLog2e, x);
-          }
-          float pv = ex2(x - rl[h]);
-          if constexpr (CHECK) pv = ok ? pv : 0.f;
-          const float ds = pv * (dpacc[j][e] - rd[h]);
-          if constexpr (BIAS) {
-            if (p.dbias_mode != DBiasMode::kNone && ok) {
-              float* dst = dbias_r[h] + s * p.bias_ss;
-              if (p.dbias_mode == DBiasMode::kStore) *dst = ds;
-              else if (p.dbias_mode == DBiasMode::kAtomic) atomicAdd(dst, ds);
-              else *dst += ds;
+        for (int j = 0; j < NTS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * m + (e >> 1);
+            const int s = s0 + 8 * j + 2 * c + (e & 1);
+            bool ok = true;
+            if constexpr (CHECK) {
+              ok = s < lims[r];
+              if (ok && p.mask)
+                ok = p.mask[mask_bn + int64_t(rows[r]) * p.mask_st + s * p.mask_ss] != 0;
             }
+            float x = sacc[m][j][e] * c2;
+            const int64_t bidx = bias_bn + int64_t(rows[r]) * p.bias_st + s * p.bias_ss;
+            if constexpr (BIAS) {
+              if (ok) x = fmaf(p.bias[bidx], kLog2e, x);
+            }
+            float pv = ex2(x - rl[r]);
+            if constexpr (CHECK) pv = ok ? pv : 0.f;
+            const float ds = pv * (dpacc[m][j][e] - rd[r]);
+            if constexpr (BIAS) {
+              if (p.dbias_mode != DBiasMode::kNone && ok) {
+                float* dst = p.dbias + bidx;
+                if (p.dbias_mode == DBiasMode::kStore) *dst = ds;
+                else if (p.dbias_mode == DBiasMode::kAtomic) atomicAdd(dst, ds);
+                else *dst += ds;
+              }
+            }
+            sacc[m][j][e] = ds;
           }
-          sacc[j][e] = ds;
-        }
-      }
     };
     dispatch2(need_check, p.bias != nullptr, body);
-    uint32_t dsf[NTS / 2][4];
-    acc_to_a<NTS, T>(dsf, sacc);
-    gemm_rB_t<NTS / 2, NTO>(dqacc, dsf, k_s, ST, lane);
+
+    uint32_t dsf[MT][NTS / 2][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc_to_a<NTS, T>(dsf[m], sacc[m]);
+    mgemm_rB_t<MT, NTS / 2, NTO>(dqacc, dsf, k_s, ST, lane);  // dQ += dS K
     __syncthreads();
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the next (ordered-mode) body reuses sQ / sdO
 
   float* dqb = p.dq_acc + qoff;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (rows[h] < p.T) {
-      float2* drow = reinterpret_cast<float2*>(dqb + int64_t(rows[h]) * qrow);
+  for (int r = 0; r < R; ++r) {
+    if (rows[r] < p.T) {
+      float2* drow = reinterpret_cast<float2*>(dqb + int64_t(rows[r]) * qrow);
+      const int m = r >> 1, h = r & 1;
 #pragma unroll
-      for (int j = 0; j < NTO; ++j) drow[4 * j + c] = make_float2(dqacc[j][2 * h], dqacc[j][2 * h + 1]);
+      for (int j = 0; j < NTO; ++j)
+        drow[4 * j + c] = make_float2(dqacc[m][j][2 * h], dqacc[m][j][2 * h + 1]);
     }
   }
 }
@@ -192,13 +207,15 @@ __global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + 2 * Tr::kStageElems;
+  T* sQ = sV + 2 * Tr::kStageElems;
+  T* sdO = sQ + Tr::kQElems;
   const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
   const bool loop_n = ordered && p.bias_dims[1] == 1;
   const bool loop_b = ordered && p.bias_dims[0] == 1;
   const int nb = loop_b ? 0 : blockIdx.z, ne = loop_b ? p.B : blockIdx.z + 1;
   const int n_b = loop_n ? 0 : blockIdx.y, n_e = loop_n ? p.N : blockIdx.y + 1;
   for (int b = nb; b < ne; ++b)
-    for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV);
+    for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV, sQ, sdO);
 }
 
 template <int D_, int NW_, int BRQ_, typename T_>

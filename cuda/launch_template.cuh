@@ -13,7 +13,8 @@ struct Cfg {
   // D > 64 to stay under 255 registers.
   static constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBC = (D <= 64 ? 64 : 32);
   static constexpr bool kFwdQSmem = D > 64;
-  static constexpr int kDqWarps = 4, kDqBC = (D <= 64 ? 64 : 32);
+  // dq: 4 warps x 32 query rows, Q / dO re-read from smem
+  static constexpr int kDqWarps = 4, kDqMT = 2, kDqBC = (D <= 32 ? 64 : 32);
   static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
 };
 
@@ -36,7 +37,7 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
 
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
-  using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqBC, T>;
+  using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
   using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, T>;
   auto kq = dq_kernel<TrQ>;
   auto kkv = dkdv_kernel<TrKV>;
@@ -67,7 +68,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
 template <int D>
 constexpr size_t max_smem() {
   using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, __half>;
-  using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqBC, __half>;
+  using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, __half>;
   using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, __half>;
   size_t m = F::kSmem;
   m = m > Q::kSmem ? m : Q::kSmem;
