@@ -6,7 +6,18 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jax_cosine_attention import cosine_sim_attention, cosine_sim_attention_reference
+from jax_cosine_attention import _cuda, cosine_sim_attention, cosine_sim_attention_reference
+
+
+def _has_gpu():
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+# Every CPU oracle test runs again through the fused kernel where a GPU and the extension exist.
+IMPLEMENTATIONS = ["xla"] + (["cuda"] if _has_gpu() and _cuda.AVAILABLE else [])
 
 TOLERANCE = {jnp.dtype(jnp.float32): 2e-4, jnp.dtype(jnp.bfloat16): 3e-2,
              jnp.dtype(jnp.float16): 4e-3}

@@ -4,8 +4,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from conftest import IMPLEMENTATIONS
-from oracle import check_against_oracle
+from oracle import IMPLEMENTATIONS, check_against_oracle
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 

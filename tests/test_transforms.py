@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_cosine_attention import cosine_sim_attention, cosine_sim_attention_reference
-from conftest import IMPLEMENTATIONS
-from oracle import rel_err
+from oracle import IMPLEMENTATIONS, rel_err
 
 B, T, S, N, K, H = 2, 24, 20, 4, 2, 16
 
