@@ -250,15 +250,17 @@ def _spec4(sharding):
 
 
 def _mesh_check():
-    """Runs in a subprocess with 4 host devices; prints a JSON report."""
+    """Runs in a subprocess with 4 host devices; prints a JSON report per mesh axis type."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     jax.config.update("jax_disable_most_optimizations", True)  # SPMD partitioning still runs
-    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     rules = [("batch", "data"), ("heads", "model"), ("kv_heads", "model")]
     m = CosineSimAttention(num_heads=4, num_kv_heads=2, qkv_features=32, learned_scale=True,
                            is_causal=True)
     x = _x((4, 8, 16))
     bias = 0.1 * _x((1, 4, 8, 8), 1)
+    boxed = jax.jit(m.init)(jax.random.key(1), x)
+    specs, params0 = nn.get_partition_spec(boxed), nn.unbox(boxed)
+    y_ref = jax.jit(m.apply)(params0, x, bias=bias)
     seen = []
     real = _common.cosine_sim_attention
 
@@ -268,24 +270,24 @@ def _mesh_check():
         return real(q, k, v, *a, **kw)
 
     _common.cosine_sim_attention = spy
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(m.init, jax.random.key(1), x)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        params = jax.jit(m.init, out_shardings=shardings)(jax.random.key(1), x)
-        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-        bs = jax.device_put(bias, NamedSharding(mesh, P(None, "model")))
-        fwd = jax.jit(lambda p, x, b: m.apply(p, x, bias=b))
-        fwd_hlo = fwd.lower(params, xs, bs).compile().as_text()
-        y = fwd(params, xs, bs)
-        grad = jax.jit(jax.grad(lambda p, x, b: jnp.sum(m.apply(p, x, bias=b) ** 2)))
-        grad_hlo = grad.lower(params, xs, bs).compile().as_text()
-        grad(params, xs, bs)
-    y_ref = m.apply(jax.device_get(params), x, bias=bias)
-    seen = [s for s in seen if s is not None]
-    print(json.dumps(dict(fwd=collectives(fwd_hlo), grad=collectives(grad_hlo), qkv=seen,
-                          param_specs=str(jax.tree.map(lambda a: a.sharding.spec,
-                                                       nn.unbox(params))),
-                          err=float(jnp.abs(y - y_ref).max()))))
+    report = {}
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        seen.clear()
+        mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(kind,) * 2)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            params = jax.device_put(params0, nn.logical_to_mesh_sharding(specs, mesh, rules))
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            bs = jax.device_put(bias, NamedSharding(mesh, P(None, "model")))
+            fwd = jax.jit(lambda p, x, b: m.apply(p, x, bias=b))
+            fwd_hlo = fwd.lower(params, xs, bs).compile().as_text()
+            y = fwd(params, xs, bs)
+            grad = jax.jit(jax.grad(lambda p, x, b: jnp.sum(m.apply(p, x, bias=b) ** 2)))
+            grad_hlo = grad.lower(params, xs, bs).compile().as_text()
+            grad(params, xs, bs)
+        report[str(kind)] = dict(fwd=collectives(fwd_hlo), grad=collectives(grad_hlo),
+                                 qkv=[s for s in seen if s is not None],
+                                 err=float(jnp.abs(y - y_ref).max()))
+    print(json.dumps(report))
 
 
 def run_mesh_check(module_name):
@@ -298,8 +300,14 @@ def run_mesh_check(module_name):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_mesh_data_model_no_collectives_in_attention():
-    r = run_mesh_check("test_flax_linen")
+@pytest.fixture(scope="module")
+def mesh_report():
+    return run_mesh_check("test_flax_linen")
+
+
+@pytest.mark.parametrize("axis_type", ["AxisType.Auto", "AxisType.Explicit"])
+def test_mesh_data_model_no_collectives_in_attention(mesh_report, axis_type):
+    r = mesh_report[axis_type]
     assert r["err"] < 1e-5
     # q, k, v reach the op sharded over batch (data) and heads (model).
     assert r["qkv"] and all(s == ["data", None, "model", None] for s in r["qkv"]), r["qkv"]

@@ -201,12 +201,18 @@ def _spec4(sharding):
 
 
 def _mesh_check():
-    """Runs in a subprocess with 4 host devices; prints a JSON report."""
+    """Runs in a subprocess with 4 host devices; prints a JSON report per mesh axis type."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     jax.config.update("jax_disable_most_optimizations", True)  # SPMD partitioning still runs
-    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     rules = [("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("embed", None),
              ("kv", None), ("length", None)]
+    x = _x((4, 8, 16))
+    bias = 0.1 * _x((1, 4, 8, 8), 1)
+    model = CosineSimAttention(4, 16, qkv_features=32, num_kv_heads=2, learned_scale=True,
+                               is_causal=True, rngs=nnx.Rngs(0))
+    graphdef, params0 = nnx.split(model, nnx.Param)
+    apply = lambda p, x, b: nnx.merge(graphdef, p)(x, bias=b)  # noqa: E731
+    y_ref = jax.jit(apply)(params0, x, bias)
     seen = []
     real = _common.cosine_sim_attention
 
@@ -216,36 +222,40 @@ def _mesh_check():
         return real(q, k, v, *a, **kw)
 
     _common.cosine_sim_attention = spy
-    x = _x((4, 8, 16))
-    bias = 0.1 * _x((1, 4, 8, 8), 1)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        model = CosineSimAttention(4, 16, qkv_features=32, num_kv_heads=2, learned_scale=True,
-                                   is_causal=True, rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = jax.device_put(params, nnx.get_named_sharding(params, mesh))
-        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-        bs = jax.device_put(bias, NamedSharding(mesh, P(None, "model")))
-        apply = lambda p, x, b: nnx.merge(graphdef, p)(x, bias=b)  # noqa: E731
-        fwd = jax.jit(apply)
-        fwd_hlo = fwd.lower(params, xs, bs).compile().as_text()
-        y = fwd(params, xs, bs)
-        grad = jax.jit(jax.grad(lambda p, x, b: jnp.sum(apply(p, x, b) ** 2)))
-        grad_hlo = grad.lower(params, xs, bs).compile().as_text()
-        grad(params, xs, bs)
-        kernel_spec = str(nnx.merge(graphdef, params).query.kernel[...].sharding.spec)
-    y_ref = apply(jax.device_get(params), x, bias)
-    seen = [s for s in seen if s is not None]
-    print(json.dumps(dict(fwd=collectives(fwd_hlo), grad=collectives(grad_hlo), qkv=seen,
-                          kernel_spec=kernel_spec, err=float(jnp.abs(y - y_ref).max()))))
+    report = {}
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        seen.clear()
+        mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(kind,) * 2)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            params = jax.device_put(params0, nnx.get_named_sharding(params0, mesh))
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            bs = jax.device_put(bias, NamedSharding(mesh, P(None, "model")))
+            fwd = jax.jit(apply)
+            fwd_hlo = fwd.lower(params, xs, bs).compile().as_text()
+            y = fwd(params, xs, bs)
+            grad = jax.jit(jax.grad(lambda p, x, b: jnp.sum(apply(p, x, b) ** 2)))
+            grad_hlo = grad.lower(params, xs, bs).compile().as_text()
+            grad(params, xs, bs)
+            kernel_spec = str(jax.tree.leaves(params["query"]["kernel"])[0].sharding.spec)
+        report[str(kind)] = dict(fwd=collectives(fwd_hlo), grad=collectives(grad_hlo),
+                                 qkv=[s for s in seen if s is not None], kernel_spec=kernel_spec,
+                                 err=float(jnp.abs(y - y_ref).max()))
+    print(json.dumps(report))
 
 
-def test_mesh_data_model_no_collectives_in_attention():
+@pytest.fixture(scope="module")
+def mesh_report():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     res = subprocess.run([sys.executable, "-c", "import test_flax_nnx as t; t._mesh_check()"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("axis_type", ["AxisType.Auto", "AxisType.Explicit"])
+def test_mesh_data_model_no_collectives_in_attention(mesh_report, axis_type):
+    r = mesh_report[axis_type]
     assert r["err"] < 1e-5
     assert "model" in r["kernel_spec"], r["kernel_spec"]
     # q, k, v reach the op sharded over batch (data) and heads (model).

@@ -16,7 +16,7 @@ from flax.linen.dtypes import promote_dtype
 
 from ..normalize import DEFAULT_EPS
 from ._common import (DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, constrain, decode_positions,
-                      learned_scale, logit_scale_init)
+                      learned_scale, logit_scale_init, out_names as _out_names, out_sharding)
 from .attention_fn import cosine_sim_attention_fn
 
 
@@ -45,7 +45,7 @@ class _Projection(nn.Module):
     bias_init: Callable
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, out_sharding=None):
         in_shape = x.shape[x.ndim - self.n_in:]
         kernel = self.param("kernel", nn.with_logical_partitioning(
             _flat_init(self.kernel_init, self.n_in), self.names), in_shape + self.features,
@@ -57,7 +57,8 @@ class _Projection(nn.Module):
                 self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
-        y = jax.lax.dot_general(x, kernel, dims, precision=self.precision)
+        extra = {} if out_sharding is None else dict(out_sharding=out_sharding)
+        y = jax.lax.dot_general(x, kernel, dims, precision=self.precision, **extra)
         return y if bias is None else y + bias
 
 
@@ -167,7 +168,7 @@ class CosineSimAttention(nn.Module):
             deterministic_backward=self.deterministic_backward)
         x = constrain(x, (ax.batch, ax.length, ax.heads, ax.head_dim))
         return self._dense((features,), 2, (ax.heads, ax.head_dim, ax.embed), "out",
-                           self.out_kernel_init)(x)
+                           self.out_kernel_init)(x, out_sharding(_out_names(ax, x)))
 
     def _update_cache(self, q, k, v, kv_len, mask, causal):
         is_initialized = self.has_variable("cache", "cached_key")

@@ -16,7 +16,7 @@ from flax.linen.attention import default_kernel_init
 
 from ..normalize import DEFAULT_EPS
 from ._common import (DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, constrain, decode_positions,
-                      learned_scale, logit_scale_init)
+                      learned_scale, logit_scale_init, out_names, out_sharding)
 from .attention_fn import cosine_sim_attention_fn
 
 _data = getattr(nnx, "data", lambda x: x)  # marks a pytree-data attribute (newer nnx)
@@ -181,7 +181,8 @@ class CosineSimAttention(nnx.Module):
             eps=self.eps, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=kv_len,
             deterministic_backward=self.deterministic_backward)
         x = constrain(x, (ax.batch, ax.length, ax.heads, ax.head_dim))
-        return self.out(x)
+        spec = out_sharding(out_names(ax, x))
+        return self.out(x) if spec is None else self.out(x, out_sharding=spec)
 
     def _update_cache(self, q, k, v, kv_len, mask):
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
