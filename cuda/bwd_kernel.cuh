@@ -227,8 +227,14 @@ struct DkvTraits {
   static constexpr int kStride = D + 8;
   static constexpr int kKV = BCK * kStride;    // one K (or V) tile
   static constexpr int kQS = BRQ * kStride;    // one Q (or dO) stage
-  static constexpr size_t kSmem =
-      (size_t(2) * kKV + size_t(4) * kQS) * sizeof(T) + size_t(4) * BRQ * sizeof(float);
+  // dS^T staging for the fused dQ product: [BCK keys][BRQ + 8] (padded)
+  static constexpr int kDSStride = BRQ + 8;
+  static constexpr int kDS = BCK * kDSStride;
+  static constexpr size_t kSmem = (size_t(2) * kKV + size_t(4) * kQS + size_t(kDS)) * sizeof(T) +
+                                  size_t(4) * BRQ * sizeof(float);
+  // warps of the fused dQ product: WM along the BRQ query rows (16 each) x WN along D
+  static constexpr int kWM = BRQ / 16 < NW ? BRQ / 16 : NW;
+  static constexpr int kWN = NW / kWM;
 };
 
 template <class Tr>
@@ -244,6 +250,7 @@ __global__ void __launch_bounds__(Tr::kThreads) dkdv_kernel(const Params p) {
   T* sO = sQ + 2 * Tr::kQS;    // dO, [2][BRQ][ST]
   float* sL = reinterpret_cast<float*>(sO + 2 * Tr::kQS);  // lse2 [2][BRQ]
   float* sDl = sL + 2 * BRQ;                                // delta [2][BRQ]
+  T* sDS = reinterpret_cast<T*>(sDl + 2 * BRQ);             // dS^T [BCK][BRQ+8] (fused dQ)
 
   const int ktile = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -347,16 +354,60 @@ __global__ void __launch_bounds__(Tr::kThreads) dkdv_kernel(const Params p) {
           if constexpr (CHECK) pv = ok ? pv : 0.f;
           const float ds = pv * (dpacc[j][e] - d_s[tl]);
           sacc[j][e] = pv;
-          dpacc[j][e] = ds * sc;
+          dpacc[j][e] = ds;
         }
       }
     };
     dispatch2(need_check, p.bias != nullptr, body);
+    if (p.fuse_dq) {  // stage unscaled dS^T (keys x queries) for dQ += dS K
+#pragma unroll
+      for (int j = 0; j < NTQ; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<uint32_t*>(sDS + (warp * 16 + g + 8 * h) * Tr::kDSStride + 8 * j +
+                                       2 * c) = Op::pack(dpacc[j][2 * h], dpacc[j][2 * h + 1]);
+    }
+#pragma unroll
+    for (int j = 0; j < NTQ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpacc[j][e] *= sc;
     uint32_t pf[NTQ / 2][4];
     acc_to_a<NTQ, T>(pf, sacc);
     gemm_rB_t<NTQ / 2, NTO>(dvacc, pf, o_s, ST, lane);  // dV += P^T dO
     acc_to_a<NTQ, T>(pf, dpacc);
     gemm_rB_t<NTQ / 2, NTO>(dkacc, pf, q_s, ST, lane);  // dK += (scale dS)^T Q
+    if (p.fuse_dq) {
+      __syncthreads();  // dS^T of all warps staged
+      // dQ[tq0 + m0 .. +16, n0 .. n0 + D/WN] += dS[rows, keys] K[keys, cols]; A = dS read
+      // transposed from the [key][query] staging buffer, B = K [key][d] (transposed ldmatrix).
+      constexpr int NQ = D / Tr::kWN / 8, KQ = BCK / 16;
+      const int m0 = (warp % Tr::kWM) * 16, n0 = (warp / Tr::kWM) * (D / Tr::kWN);
+      const int mat = lane >> 3, rr = lane & 7;
+      float qacc[NQ][4];
+      zero_acc(qacc);
+#pragma unroll
+      for (int kk = 0; kk < KQ; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_t(a, sDS + (16 * kk + (mat >> 1) * 8 + rr) * Tr::kDSStride + m0 + (mat & 1) * 8);
+#pragma unroll
+        for (int j = 0; j < NQ; j += 2) {
+          uint32_t bq[4];
+          ldsm_x4_t(bq, sK + (16 * kk + (mat & 1) * 8 + rr) * ST + n0 + 8 * j + (mat >> 1) * 8);
+          Op::run(qacc[j], a, bq[0], bq[1]);
+          Op::run(qacc[j + 1], a, bq[2], bq[3]);
+        }
+      }
+      float* dqb = p.dq_acc + (int64_t(b) * p.T) * qrow + int64_t(n) * D;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = tq0 + m0 + g + 8 * h;
+        if (t < p.T) {
+          float* row = dqb + int64_t(t) * qrow + n0 + 2 * c;
+#pragma unroll
+          for (int j = 0; j < NQ; ++j) red_add2(row + 8 * j, qacc[j][2 * h], qacc[j][2 * h + 1]);
+        }
+      }
+    }
     __syncthreads();
   }
 

@@ -58,6 +58,7 @@ struct Params {
   void* dv = nullptr;               // [B,S,K,H], q dtype
   float* dbias = nullptr;           // bias shape, f32 (null when not requested)
   DBiasMode dbias_mode = DBiasMode::kNone;
+  bool fuse_dq = false;             // dQ by f32 reductions from the dK/dV kernel (set by LaunchBwd)
   int64_t dbias_elems = 0;
   void* workspace = nullptr;        // BwdWorkspaceBytes(...) bytes
   size_t workspace_bytes = 0;

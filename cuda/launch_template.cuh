@@ -36,7 +36,11 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
 }
 
 template <int D, typename T>
-cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
+cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
+  // Default: dQ is reduced (f32 red.add) straight from the dK/dV kernel, FA2 style (5 GEMMs).
+  // Deterministic mode and bias gradients use the separate dq kernel (plain stores, 7 GEMMs).
+  Params p = p_in;
+  p.fuse_dq = !p.deterministic && p.dbias_mode == DBiasMode::kNone;
   using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
   using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, T>;
   auto kq = dq_kernel<TrQ>;
@@ -55,11 +59,17 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
     bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
+  if (p.fuse_dq) {
+    if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(rows) * p.D * sizeof(float), stream);
+        e != cudaSuccess)
+      return e;
+  } else {
   const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
   const dim3 gq((p.T + TrQ::BR - 1) / TrQ::BR, (ordered && p.bias_dims[1] == 1) ? 1 : p.N,
                 (ordered && p.bias_dims[0] == 1) ? 1 : p.B);
   kq<<<gq, TrQ::kThreads, TrQ::kSmem, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
   const dim3 gkv((p.S + TrKV::BCK - 1) / TrKV::BCK, p.KH, p.B);
   kkv<<<gkv, TrKV::kThreads, TrKV::kSmem, stream>>>(p);
   return cudaGetLastError();

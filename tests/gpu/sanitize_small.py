@@ -29,8 +29,10 @@ for H, dt in ((64, jnp.bfloat16), (128, jnp.float16), (16, jnp.bfloat16)):
     def f(q, k, v, bias, mask, do):
         o, lse = _cuda.fwd(q, k, v, sc, bias, mask, ql, kl, causal=True, groups=1, bounded=True)
         g = _cuda.bwd(do, q, k, v, o, lse, sc, bias, mask, ql, kl, causal=True, groups=1,
-                      bounded=True, need_dbias=True, deterministic=False)
-        return (o,) + tuple(g)
+                      bounded=True, need_dbias=True, deterministic=False)  # dq kernel path
+        g2 = _cuda.bwd(do, q, k, v, o, lse, sc, bias, mask, ql, kl, causal=True, groups=1,
+                       bounded=True, need_dbias=False, deterministic=False)  # fused dQ path
+        return (o,) + tuple(g) + tuple(g2[:3])
 
     outs = jax.block_until_ready(f(q, k, v, bias, mask, do))
     for x in outs:
