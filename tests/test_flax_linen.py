@@ -16,7 +16,7 @@ nn = pytest.importorskip("flax.linen")
 
 from jax_cosine_attention import cosine_sim_attention_reference  # noqa: E402
 from jax_cosine_attention.flax import cosine_sim_attention_fn  # noqa: E402
-from jax_cosine_attention.flax import _common  # noqa: E402
+from jax_cosine_attention.flax import _attend  # noqa: E402
 from jax_cosine_attention.flax.linen import CosineSimAttention  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -83,13 +83,13 @@ def test_adapter_leading_batch_dims_and_key_padding_mask_passed_as_is(monkeypatc
     kmask = kmask[:, :, None, None, :]                                    # [2,3,1,1,S]
     bias = _x((1, 1, 2, 4, 6), 4)
     seen = {}
-    real = _common.cosine_sim_attention
+    real = _attend.cosine_sim_attention
 
     def spy(*a, **kw):
         seen["mask"] = a[4].shape
         return real(*a, **kw)
 
-    monkeypatch.setattr(_common, "cosine_sim_attention", spy)
+    monkeypatch.setattr(_attend, "cosine_sim_attention", spy)
     out = cosine_sim_attention_fn(q, k, v, bias, kmask, is_causal=True)
     assert seen["mask"] == (6, 1, 1, 6)  # no T x S mask was built
     flat = lambda a: a.reshape((6,) + a.shape[2:])  # noqa: E731
@@ -262,14 +262,14 @@ def _mesh_check():
     specs, params0 = nn.get_partition_spec(boxed), nn.unbox(boxed)
     y_ref = jax.jit(m.apply)(params0, x, bias=bias)
     seen = []
-    real = _common.cosine_sim_attention
+    real = _attend.cosine_sim_attention
 
     def spy(q, k, v, *a, **kw):
         for t in (q, k, v):
             jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(_spec4(s)))
         return real(q, k, v, *a, **kw)
 
-    _common.cosine_sim_attention = spy
+    _attend.cosine_sim_attention = spy
     report = {}
     for kind in (AxisType.Auto, AxisType.Explicit):
         seen.clear()

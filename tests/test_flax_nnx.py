@@ -17,7 +17,7 @@ import flax.linen as nn  # noqa: E402
 
 from jax_cosine_attention import cosine_sim_attention_reference  # noqa: E402
 from jax_cosine_attention.flax import cosine_sim_attention_fn  # noqa: E402
-from jax_cosine_attention.flax import _common  # noqa: E402
+from jax_cosine_attention.flax import _attend  # noqa: E402
 from jax_cosine_attention.flax.nnx import CosineSimAttention  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -214,14 +214,14 @@ def _mesh_check():
     apply = lambda p, x, b: nnx.merge(graphdef, p)(x, bias=b)  # noqa: E731
     y_ref = jax.jit(apply)(params0, x, bias)
     seen = []
-    real = _common.cosine_sim_attention
+    real = _attend.cosine_sim_attention
 
     def spy(q, k, v, *a, **kw):
         for t in (q, k, v):
             jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(_spec4(s)))
         return real(q, k, v, *a, **kw)
 
-    _common.cosine_sim_attention = spy
+    _attend.cosine_sim_attention = spy
     report = {}
     for kind in (AxisType.Auto, AxisType.Explicit):
         seen.clear()

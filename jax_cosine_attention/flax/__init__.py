@@ -5,7 +5,8 @@
     from jax_cosine_attention.flax.nnx import CosineSimAttention    # nnx module
 """
 
-from ._common import DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, learned_scale
+from ._scale import DEFAULT_SCALE, DEFAULT_SCALE_MAX, learned_scale
+from ._sharding import LogicalAxes
 from ._dense import cosine_attention_weights, dense_cosine_attention
 from .attention_fn import cosine_sim_attention_fn
 

@@ -13,7 +13,8 @@ import math
 import jax.numpy as jnp
 
 from ..normalize import DEFAULT_EPS
-from ._common import DEFAULT_SCALE, attend, to_rank4
+from ._attend import attend, to_rank4
+from ._scale import DEFAULT_SCALE
 
 _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 

@@ -15,8 +15,9 @@ from flax.linen.attention import default_kernel_init
 from flax.linen.dtypes import promote_dtype
 
 from ..normalize import DEFAULT_EPS
-from ._common import (DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, constrain, decode_positions,
-                      learned_scale, logit_scale_init, out_names as _out_names, out_sharding)
+from . import _decode
+from ._scale import DEFAULT_SCALE, DEFAULT_SCALE_MAX, learned_scale, logit_scale_init
+from ._sharding import LogicalAxes, constrain, out_names, out_sharding
 from .attention_fn import cosine_sim_attention_fn
 
 
@@ -168,7 +169,7 @@ class CosineSimAttention(nn.Module):
             deterministic_backward=self.deterministic_backward)
         x = constrain(x, (ax.batch, ax.length, ax.heads, ax.head_dim))
         return self._dense((features,), 2, (ax.heads, ax.head_dim, ax.embed), "out",
-                           self.out_kernel_init)(x, out_sharding(_out_names(ax, x)))
+                           self.out_kernel_init)(x, out_sharding(out_names(ax, x)))
 
     def _update_cache(self, q, k, v, kv_len, mask, causal):
         is_initialized = self.has_variable("cache", "cached_key")
@@ -177,22 +178,7 @@ class CosineSimAttention(nn.Module):
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # init: plain attention over the full-length input
             return k, v, kv_len, mask, causal
-        *batch, S, _, _ = cached_key.value.shape
-        T = q.shape[-3]
-        if tuple(batch) != q.shape[:-3] or k.shape[-3] != T:
-            raise ValueError(f"CosineSimAttention decode: cache is {cached_key.value.shape}, got "
-                             f"query {q.shape} and key {k.shape} (self-attention, same batch)")
-        cur = cache_index.value
-        zero = jnp.array(0, jnp.int32)
-        idx = (zero,) * len(batch) + (cur, zero, zero)
-        k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), idx)
-        v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), idx)
+        k, v, kv_len, mask, cache_index.value = _decode.append(
+            cached_key.value, cached_value.value, cache_index.value, q, k, v, kv_len, mask)
         cached_key.value, cached_value.value = k, v
-        cache_index.value = cur + T
-        lengths, step_mask = decode_positions(cur, T, S, math.prod(batch))
-        lengths = lengths.reshape(tuple(batch))
-        if kv_len is not None:
-            lengths = jnp.minimum(lengths, jnp.asarray(kv_len, jnp.int32))
-        if step_mask is not None:
-            mask = step_mask if mask is None else jnp.logical_and(jnp.asarray(mask) != 0, step_mask)
-        return k, v, lengths, mask, False
+        return k, v, kv_len, mask, False

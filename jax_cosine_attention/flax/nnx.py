@@ -6,17 +6,16 @@ Sub-modules mirror `nnx.MultiHeadAttention` ('query'/'key'/'value'/'out' LinearG
 (`nnx.with_partitioning`, `nnx.Cache`, get/set through `get_value`/`set_value` where present).
 """
 
-import math
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.attention import default_kernel_init
 
 from ..normalize import DEFAULT_EPS
-from ._common import (DEFAULT_SCALE, DEFAULT_SCALE_MAX, LogicalAxes, constrain, decode_positions,
-                      learned_scale, logit_scale_init, out_names, out_sharding)
+from . import _decode
+from ._scale import DEFAULT_SCALE, DEFAULT_SCALE_MAX, learned_scale, logit_scale_init
+from ._sharding import LogicalAxes, constrain, out_names, out_sharding
 from .attention_fn import cosine_sim_attention_fn
 
 _data = getattr(nnx, "data", lambda x: x)  # marks a pytree-data attribute (newer nnx)
@@ -187,24 +186,10 @@ class CosineSimAttention(nnx.Module):
     def _update_cache(self, q, k, v, kv_len, mask):
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError("CosineSimAttention: decode needs `init_cache` first")
-        cache_k, cache_v = _get(self.cached_key), _get(self.cached_value)
-        *batch, S, _, _ = cache_k.shape
-        T = q.shape[-3]
-        if tuple(batch) != q.shape[:-3] or k.shape[-3] != T:
-            raise ValueError(f"CosineSimAttention decode: cache is {cache_k.shape}, got query "
-                             f"{q.shape} and key {k.shape} (self-attention, same batch)")
-        cur = _get(self.cache_index)
-        zero = jnp.array(0, jnp.int32)
-        idx = (zero,) * len(batch) + (cur, zero, zero)
-        k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
-        v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
+        k, v, kv_len, mask, index = _decode.append(
+            _get(self.cached_key), _get(self.cached_value), _get(self.cache_index), q, k, v,
+            kv_len, mask)
         _set(self.cached_key, k)
         _set(self.cached_value, v)
-        _set(self.cache_index, cur + T)
-        lengths, step_mask = decode_positions(cur, T, S, math.prod(batch))
-        lengths = lengths.reshape(tuple(batch))
-        if kv_len is not None:
-            lengths = jnp.minimum(lengths, jnp.asarray(kv_len, jnp.int32))
-        if step_mask is not None:
-            mask = step_mask if mask is None else jnp.logical_and(jnp.asarray(mask) != 0, step_mask)
-        return k, v, lengths, mask
+        _set(self.cache_index, index)
+        return k, v, kv_len, mask
