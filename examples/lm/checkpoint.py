@@ -12,9 +12,9 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, run_dir, keep=2):
+    def __init__(self, run_dir, keep=2, directory=""):
         self.mngr = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(run_dir, "checkpoints")),
+            os.path.abspath(directory or os.path.join(run_dir, "checkpoints")),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self):

@@ -59,9 +59,11 @@ class Config:
     sample_len: int = 200
     prompt_len: int = 64
     temperature: float = 0.8
-    ckpt_every: int = 500
+    ckpt_every: int = 500      # 0 = only at the end
+    ckpt_dir: str = ""         # "" = RUN_DIR/checkpoints
     keep: int = 2
     stop_at: int = 0           # stop (and checkpoint) at this step; the schedule still uses steps
+    time_limit: float = 0.0    # seconds of training (compile excluded); then eval, save, stop
     progress: bool = True
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -97,7 +98,7 @@ def _train(cfg, mesh):
     train_bytes, valid_bytes, corpus = load_corpus(cfg.data)
     batches, vbatches = Batches(train_bytes, cfg), Batches(valid_bytes, cfg)
     steps = Steps(cfg, mesh)
-    ckpt = Checkpointer(cfg.out, keep=cfg.keep)
+    ckpt = Checkpointer(cfg.out, keep=cfg.keep, directory=cfg.ckpt_dir)
     start = ckpt.latest_step()
     if start is None:
         state, start = steps.init_state(jax.random.PRNGKey(cfg.seed)), 0
@@ -137,9 +138,9 @@ def _train(cfg, mesh):
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True,
-               mininterval=1.0)
+               mininterval=1.0 if sys.stderr.isatty() else 20.0)   # sparse lines in log files
     step, t_int, n_int, pending = start, time.time(), 0, []
-    val = None
+    t_loop, timed_out = time.time(), False
     while step < end:
         state, metrics = train_step(state, batch)
         pending.append(metrics)
@@ -148,7 +149,11 @@ def _train(cfg, mesh):
         if step < end:
             batch = steps.put_batch(batches.get(step))   # host work overlaps the device step
         bar.update(1)
+        if cfg.time_limit and not timed_out and time.time() - t_loop > cfg.time_limit:
+            timed_out, end = True, step   # out of time: finish this step as the last one
+            tqdm.write(f"time limit of {cfg.time_limit:.0f}s reached at step {step}; stopping")
         last = step == end
+        final = last and (step == cfg.steps or timed_out)
         if step % cfg.log_every == 0 or last:
             ms = jax.device_get(pending)   # blocks: closes the timing interval
             dt = (time.time() - t_int) / n_int
@@ -157,17 +162,17 @@ def _train(cfg, mesh):
                 log.write(kind="train", step=s, loss=float(m["loss"]),
                           grad_norm=float(m["grad_norm"]), lr=float(sched(s - 1)),
                           step_time=dt, tokens_per_s=tokens_per_step / dt)
-            bar.set_postfix(loss=f"{float(ms[-1]['loss']):.3f}", tok_s=f"{tokens_per_step/dt:,.0f}")
+            bar.set_postfix(loss=f"{float(ms[-1]['loss']):.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                            refresh=sys.stderr.isatty())
             pending, n_int = [], 0
             t_int = time.time()
         paused = False
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (last and step == cfg.steps):
+        if (cfg.eval_every and step % cfg.eval_every == 0) or final:
             vl, vb = evaluate(steps, state["params"], vbatches, cfg)
-            val = (vl, vb)
             log.write(kind="eval", step=step, val_loss=vl, val_bpb=vb)
             tqdm.write(f"step {step}: val loss {vl:.4f}, val bpb {vb:.4f}")
             paused = True
-        if cfg.sample_every and (step % cfg.sample_every == 0 or (last and step == cfg.steps)):
+        if cfg.sample_every and (step % cfg.sample_every == 0 or final):
             do_sample(step)
             paused = True
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
@@ -179,7 +184,7 @@ def _train(cfg, mesh):
     bar.close()
     ckpt.close()
     summary = summarize(cfg.out)
-    summary.update(wall_s=time.time() - t_start, compile_s=meta["compile_s"])
+    summary.update(wall_s=time.time() - t_start, compile_s=meta["compile_s"], timed_out=timed_out)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
