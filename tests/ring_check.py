@@ -81,6 +81,7 @@ def compare(ring_fn, plain_fn, args, cot, plain_args=None, unpermute=None):
         "all_gathers": all_gathers(text)[:4],
         "finite": finite,
         "compile_s": round(compile_s, 2),
+        "uses_kernel": "jca_cosattn" in text,
     }
 
 
@@ -99,6 +100,11 @@ def main():
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--xla-blocks", type=int, default=8)
     ap.add_argument("--only", default="")
+    ap.add_argument("--assert-tol", type=float, default=None,
+                    help="also check every ring case (errors below this, collective-permute, "
+                         "no all-gather) and exit 1 on a failure; the summary goes to stderr")
+    ap.add_argument("--require-kernel", action="store_true",
+                    help="with --assert-tol: a ring case whose program has no CUDA kernel call fails")
     args = ap.parse_args()
     if args.xla_blocks:
         _xla.BLOCK_SIZES = (args.xla_blocks, args.xla_blocks)
@@ -142,8 +148,9 @@ def main():
             results[name] = compare(ring_fn, plain, (q, k, v, scale), cot)
 
     # ---- ring over two mesh axes, key-padding mask, an empty batch element
-    if n >= 4 and want("helper-2axes-zigzag-mask"):
-        mesh2 = jax.make_mesh((2, n // 2), ("x", "y"), axis_types=(auto, auto))
+    two = (2, n // 2) if n >= 4 else (1, n)  # (1, n) on 2 devices: still a 2-axis ring
+    if n >= 2 and want("helper-2axes-zigzag-mask"):
+        mesh2 = jax.make_mesh(two, ("x", "y"), axis_types=(auto, auto))
         f = ring_cosine_sim_attention(mesh2, ("x", "y"), layout="zigzag", is_causal=True)
         zmask = zig(key_mask, 3)
         ring_fn = lambda q, k, v, s: f(q, k, v, mask=zmask, scale=s, key_value_seq_lengths=kv_len0)
@@ -155,8 +162,8 @@ def main():
             ring_fn, plain, (zig(q), zig(k), zig(v), scale), cot, plain_args=(q, k, v, scale),
             unpermute=unzig)
     # ---- batch x sequence mesh, MQA (one kv head)
-    if n >= 4 and want("helper-batch-seq-mqa"):
-        mesh3 = jax.make_mesh((2, n // 2), ("dp", "sp"), axis_types=(auto, auto))
+    if n >= 2 and want("helper-batch-seq-mqa"):
+        mesh3 = jax.make_mesh(two, ("dp", "sp"), axis_types=(auto, auto))
         q1, k1, v1, _ = data(B, T, N, 1, H, dtype, seed=3)
         f = ring_cosine_sim_attention(mesh3, "sp", batch_axes="dp", is_causal=True)
         ring_fn = lambda q, k, v, s: f(q, k, v, scale=s, key_value_seq_lengths=kv_len)
@@ -178,8 +185,8 @@ def main():
         emesh = jax.make_mesh((n,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
         hook_case("hook-explicit-causal", emesh, P(None, "sp", None, None), True,
                   key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
-    if n >= 4 and want("hook-batch-seq-mask"):
-        mesh3 = jax.make_mesh((2, n // 2), ("dp", "sp"), axis_types=(auto, auto))
+    if n >= 2 and want("hook-batch-seq-mask"):
+        mesh3 = jax.make_mesh(two, ("dp", "sp"), axis_types=(auto, auto))
         hook_case("hook-batch-seq-mask", mesh3, P("dp", "sp", None, None), False, mask=key_mask,
                   query_seq_lengths=q_len)
     if want("hook-disabled"):  # JCA_RING=0: the old behaviour, sequence all-gathered (fwd only)
@@ -205,6 +212,34 @@ def main():
     results["_meta"] = {"devices": [str(d) for d in jax.devices()], "dtype": str(dtype),
                         "seq": T, "backend": jax.default_backend()}
     json.dump(results, sys.stdout)
+    if args.assert_tol is not None:
+        sys.exit(check(results, args.assert_tol, args.require_kernel))
+
+
+def check(results, tol, require_kernel=False):
+    bad = 0
+    for name, r in results.items():
+        if name.startswith("_") or "max_err_grad" not in r:
+            continue
+        problems = []
+        if not r["finite"]:
+            problems.append("non-finite")
+        if r["max_err_out"] > tol or r["max_err_grad"] > tol:
+            problems.append(f"err out {r['max_err_out']:.2e} grad {r['max_err_grad']:.2e}")
+        if "collective-permute" not in r["collectives"] or "all-gather" in r["collectives"]:
+            problems.append(f"collectives {r['collectives']}")
+        if require_kernel and not r["uses_kernel"]:
+            problems.append("no CUDA kernel call in the compiled program")
+        bad += bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} {name}: out {r['max_err_out']:.2e} grad "
+              f"{r['max_err_grad']:.2e} kernel={r['uses_kernel']} {r['collectives']} "
+              f"{'; '.join(problems)}", file=sys.stderr)
+    r = results.get("hook-disabled")
+    if r is not None and "all-gather" not in r["collectives"]:
+        print(f"FAIL hook-disabled: {r}", file=sys.stderr)
+        bad += 1
+    print(f"ring_check: {bad} failing case(s)", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
