@@ -92,6 +92,34 @@ def permute_like(cot, _):
 PERMUTE = None
 
 
+def cuda_lowering(mesh, kv_len):
+    """Kernel availability monkeypatched; lowering only (nothing runs). Per layout: the
+    `causal` attribute of each fwd / bwd kernel call in the ring program."""
+    import jax_cosine_attention._cuda as cuda
+    saved = cuda.AVAILABLE, cuda.IMPORT_ERROR
+    cuda.AVAILABLE, cuda.IMPORT_ERROR = True, None
+    try:
+        out = {}
+        T = 256
+        q = jnp.zeros((2, T, 4, 64), jnp.bfloat16)
+        k = jnp.zeros((2, T, 2, 64), jnp.bfloat16)
+        lens = jnp.array([200, T], jnp.int32)
+        for layout in ("contiguous", "zigzag"):
+            f = ring_cosine_sim_attention(mesh, "sp", layout=layout, is_causal=True)
+            loss = lambda q, k, v, f=f: jnp.sum(
+                f(q, k, v, key_value_seq_lengths=lens).astype(jnp.float32))
+            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+                lowering_platforms=("cuda",)).as_text()
+            calls = re.findall(r"custom_call @jca_cosattn_(fwd|bwd)\(.*?mhlo\.backend_config = "
+                               r"\{[^}]*causal = (true|false)", text)
+            out[layout] = {kind: [c == "true" for w, c in calls if w == kind]
+                           for kind in ("fwd", "bwd")}
+            out[layout]["collective_permutes"] = text.count("collective_permute")
+        return out
+    finally:
+        cuda.AVAILABLE, cuda.IMPORT_ERROR = saved
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float32")
@@ -208,6 +236,10 @@ def main():
             results["helper-bias-error"] = {"raised": None}
         except ValueError as e:
             results["helper-bias-error"] = {"raised": str(e)}
+
+    # ---- CPU only: lowering for "cuda" puts the fused kernel in every ring block
+    if jax.default_backend() == "cpu" and want("cuda-lowering"):
+        results["cuda-lowering"] = cuda_lowering(seq_mesh, kv_len)
 
     results["_meta"] = {"devices": [str(d) for d in jax.devices()], "dtype": str(dtype),
                         "seq": T, "backend": jax.default_backend()}

@@ -69,6 +69,19 @@ def test_bias_with_sharded_sequence_is_a_clear_error(results):
     assert msg is not None and "bias is not supported" in msg
 
 
+def test_ring_blocks_lower_to_the_cuda_kernel(results):
+    """Lowered for "cuda" (kernel availability monkeypatched): every block is a kernel call;
+    the diagonal block is causal, the others are plain (masked blocks are skipped, never
+    computed with a mask). Contiguous: step 0, loop body, last step. Zig-zag: step 0, then two
+    half-size variants (cond branches) in the loop body and in the last step."""
+    r = results["cuda-lowering"]
+    assert r["contiguous"]["fwd"] == [True, False, False], r
+    assert r["contiguous"]["bwd"] == [True, False, False], r
+    assert r["zigzag"]["fwd"] == [True, False, False, False, False], r
+    assert r["zigzag"]["bwd"] == [True, False, False, False, False], r
+    assert r["contiguous"]["collective_permutes"] > 0
+
+
 def test_zigzag_layout_helpers():
     import jax.numpy as jnp
     import numpy as np
