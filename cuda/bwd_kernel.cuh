@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
     for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV, sQ, sdO);
 }
 
-template <int D_, int NW_, int BRQ_, typename T_>
+template <int D_, int NW_, int BRQ_, int MINB_, typename T_>
 struct DkvTraits {
   using T = T_;
   static constexpr int D = D_, NW = NW_, BRQ = BRQ_;
@@ -235,10 +235,11 @@ struct DkvTraits {
   // warps of the fused dQ product: WM along the BRQ query rows (16 each) x WN along D
   static constexpr int kWM = BRQ / 16 < NW ? BRQ / 16 : NW;
   static constexpr int kWN = NW / kWM;
+  static constexpr int kMinBlocks = MINB_;  // __launch_bounds__ min blocks per SM
 };
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(const Params p) {
   using T = typename Tr::T;
   using Op = MmaOp<T>;
   constexpr int D = Tr::D, BRQ = Tr::BRQ, BCK = Tr::BCK, ST = Tr::kStride;

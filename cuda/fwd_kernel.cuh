@@ -30,7 +30,7 @@ struct ShiftCfg<__half> {
   static constexpr float kMaxBound = 10.f;
 };
 
-template <int D_, int NW_, int MT_, int BC_, bool QSMEM_, typename T_>
+template <int D_, int NW_, int MT_, int BC_, bool QSMEM_, int MINB_, typename T_>
 struct FwdTraits {
   using T = T_;
   static constexpr int D = D_, NW = NW_, MT = MT_, BC = BC_;
@@ -40,11 +40,12 @@ struct FwdTraits {
   static constexpr int kStride = D + 8;  // padded smem row (16 B) -> conflict-free ldmatrix
   static constexpr int kStageElems = BC * kStride;
   static constexpr int kQElems = kQSmem ? BR * kStride : 0;
+  static constexpr int kMinBlocks = MINB_;  // __launch_bounds__ min blocks per SM
   static constexpr size_t kSmem = (size_t(2) * 2 * kStageElems + kQElems) * sizeof(T);
 };
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const Params p) {
   using T = typename Tr::T;
   using Op = MmaOp<T>;
   constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, ST = Tr::kStride, MT = Tr::MT;

@@ -13,9 +13,14 @@ struct Cfg {
   // D > 64 to stay under 255 registers.
   static constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBC = (D <= 64 ? 64 : 32);
   static constexpr bool kFwdQSmem = D > 64;
+  static constexpr int kFwdMinBlocks = 2;
   // dq: 4 warps x 32 query rows, Q / dO re-read from smem
   static constexpr int kDqWarps = 4, kDqMT = 2, kDqBC = (D <= 32 ? 64 : 32);
   static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
+  // 3 CTAs/SM for D <= 64 (168 registers, small spill) hides more latency than 2 measured
+  static constexpr int kDkvMinBlocks = (D <= 64 ? 3 : 2);
+  // fused dQ (red.add from the dK/dV kernel) measured faster for D <= 64 only (H100, N=4096)
+  static constexpr bool kFuseDq = D <= 64;
 };
 
 template <class Kernel>
@@ -27,7 +32,7 @@ inline cudaError_t prepare(Kernel kernel, size_t smem) {
 
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, T>;
+  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, T>;
   auto kernel = fwd_kernel<Tr>;
   if (cudaError_t e = prepare(kernel, Tr::kSmem); e != cudaSuccess) return e;
   const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
@@ -40,9 +45,9 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
   // Default: dQ is reduced (f32 red.add) straight from the dK/dV kernel, FA2 style (5 GEMMs).
   // Deterministic mode and bias gradients use the separate dq kernel (plain stores, 7 GEMMs).
   Params p = p_in;
-  p.fuse_dq = !p.deterministic && p.dbias_mode == DBiasMode::kNone;
+  p.fuse_dq = Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
   using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
-  using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, T>;
+  using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
   auto kq = dq_kernel<TrQ>;
   auto kkv = dkdv_kernel<TrKV>;
   if (cudaError_t e = prepare(kq, TrQ::kSmem); e != cudaSuccess) return e;
@@ -77,9 +82,9 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
 
 template <int D>
 constexpr size_t max_smem() {
-  using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, __half>;
+  using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, __half>;
   using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, __half>;
-  using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, __half>;
+  using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, __half>;
   size_t m = F::kSmem;
   m = m > Q::kSmem ? m : Q::kSmem;
   m = m > KV::kSmem ? m : KV::kSmem;
