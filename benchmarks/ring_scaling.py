@@ -2,7 +2,7 @@
 
   python -P benchmarks/ring_scaling.py [--seqs 65536 131072 262144] [--devices 1 2 4]
         [--modes ring zigzag allgather] [--causal both|yes|no] [--iters 3] [--warmup 1]
-        [--out-json ring_scaling.json] [--out-md ring_scaling.md]
+        [--out-json ring_scaling.json] [--out-md ring_scaling.md] [--append]
 
 One fwd+bwd step = jax.grad of sum(cosine_sim_attention(q, k, v)) w.r.t. q, k, v (l2norm
 included), B=1, H=16 heads, D=128, bf16, q/k/v sharded on the sequence axis over n devices.
@@ -135,6 +135,16 @@ def driver(args):
             plans.append((mode, n))
     results = {"device_kind": kind, "visible_devices": ndev, "B": B, "H": H, "D": D,
                "dtype": "bfloat16", "seqs": args.seqs, "configs": []}
+    if args.append and os.path.exists(args.out_json):  # add to an earlier (partial) run
+        with open(args.out_json) as f:
+            old = json.load(f)
+        if old.get("device_kind") != kind:
+            print(f"--append: {args.out_json} was measured on {old.get('device_kind')}, this "
+                  f"is {kind}: starting afresh", file=sys.stderr)
+        else:
+            redo = set(plans)
+            results["configs"] = [c for c in old["configs"] if (c["mode"], c["n"]) not in redo]
+            results["seqs"] = sorted(set(old["seqs"]) | set(args.seqs))
     for mode, n in plans:
         causal = {"both": ["no", "yes"], "yes": ["yes"], "no": ["no"]}[args.causal]
         if mode == "zigzag":
@@ -164,12 +174,14 @@ def driver(args):
 
 
 def markdown(results):
+    order = {"single": 0, "ring": 1, "zigzag": 2, "allgather": 3}
+    results["configs"].sort(key=lambda c: (c["n"], order.get(c["mode"], 9)))
     cols = [(c["mode"], c["n"]) for c in results["configs"]]
     by = {(c["mode"], c["n"]): {(r["N"], r["causal"]): r for r in c.get("runs", [])}
           for c in results["configs"]}
     lines = [f"Ring attention scaling on {results['device_kind']} "
-             f"(B={results['B']}, H={results['H']}, D={results['D']}, bf16, fwd+bwd step, ms; "
-             f"peak GiB per device in brackets)", ""]
+             f"(B={results['B']}, H={results['H']}, D={results['D']}, bf16, fwd+bwd step in ms, "
+             f"(speed-up vs one device), [peak GiB per device])", ""]
     head = "| N | causal | " + " | ".join(f"{m} x{n}" for m, n in cols) + " |"
     lines += [head, "|" + "---|" * (2 + len(cols))]
     for causal in ("no", "yes"):
@@ -184,7 +196,9 @@ def markdown(results):
                 any_cell = True
                 if "ms" in r:
                     peak = f" [{r['peak_gib']}]" if r.get("peak_gib") is not None else ""
-                    cells.append(f"{r['ms']:.0f}{peak}")
+                    base = by.get(("single", 1), {}).get((N, causal), {}).get("ms")
+                    speed = f" ({base / r['ms']:.2f}x)" if base and col != ("single", 1) else ""
+                    cells.append(f"{r['ms']:.0f}{speed}{peak}")
                 elif r.get("skipped"):
                     cells.append("-")
                 else:
@@ -197,7 +211,8 @@ def markdown(results):
             ok = [N for (N, c), r in by[col].items() if c == causal and "ms" in r]
             tried = [N for (N, c) in by[col] if c == causal]
             cells.append(str(max(ok)) if ok else ("none" if tried else ""))
-        lines.append(f"| max N | {causal} | " + " | ".join(cells) + " |")
+        if any(cells):
+            lines.append(f"| max N | {causal} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("single = 1 device; ring = cosine_sim_attention with sequence-sharded inputs "
                  "(ring hook, contiguous layout); zigzag = ring_cosine_sim_attention(layout="
@@ -217,6 +232,9 @@ def main():
     ap.add_argument("--timeout", type=int, default=1800, help="per worker, seconds")
     ap.add_argument("--out-json", default="ring_scaling.json")
     ap.add_argument("--out-md", default="ring_scaling.md")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing --out-json (same device kind), e.g. to split "
+                         "the run over several commands; the markdown covers all of it")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)

@@ -4,6 +4,8 @@
 # The package must already be installed (pip install --no-build-isolation --no-deps .).
 # Usage: scripts/gpu_ring_check.sh OUTDIR [ring_scaling.py args]
 # Env: JCA_SKIP_RING_TESTS=1, JCA_SKIP_RING_BENCH=1.
+# To split the benchmark over several commands (each under the time limit), pass e.g.
+# "--devices 1 2" first, then JCA_SKIP_RING_TESTS=1 ... OUTDIR --devices 4 --append.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_ring_check.sh OUTDIR [bench args]}")
 shift || true
