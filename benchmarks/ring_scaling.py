@@ -134,7 +134,8 @@ def driver(args):
                 continue
             plans.append((mode, n))
     results = {"device_kind": kind, "visible_devices": ndev, "B": B, "H": H, "D": D,
-               "dtype": "bfloat16", "seqs": args.seqs, "configs": []}
+               "dtype": "bfloat16", "seqs": args.seqs, "configs": [],
+               "latency_hiding_scheduler": bool(args.lhs)}
     if args.append and os.path.exists(args.out_json):  # add to an earlier (partial) run
         with open(args.out_json) as f:
             old = json.load(f)
@@ -150,6 +151,9 @@ def driver(args):
         if mode == "zigzag":
             causal = ["yes"]
         env = dict(os.environ, JCA_RING="0" if mode == "allgather" else "1")
+        if args.lhs:  # let XLA overlap the K/V collective-permutes with the block compute
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                " --xla_gpu_enable_latency_hiding_scheduler=true").strip()
         cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker", "--mode", mode,
                "--n", str(n), "--iters", str(args.iters), "--warmup", str(args.warmup),
                "--causal-list", *causal, "--seqs", *map(str, args.seqs)]
@@ -232,6 +236,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=1800, help="per worker, seconds")
     ap.add_argument("--out-json", default="ring_scaling.json")
     ap.add_argument("--out-md", default="ring_scaling.md")
+    ap.add_argument("--no-lhs", dest="lhs", action="store_false",
+                    help="do not add --xla_gpu_enable_latency_hiding_scheduler=true to XLA_FLAGS")
     ap.add_argument("--append", action="store_true",
                     help="merge into an existing --out-json (same device kind), e.g. to split "
                          "the run over several commands; the markdown covers all of it")
