@@ -50,7 +50,8 @@ def cosine_sim_attention_fn(query, key, value, bias=None, mask=None, broadcast_d
       broadcast_dropout, dropout_rng, dropout_rate, deterministic: flax's attention dropout. When
         `dropout_rate > 0 and not deterministic` the dense XLA path (weights materialised) runs
         with dropout; it is never ignored.
-      dtype: computation dtype (q/k/v are cast to it); default: their promoted dtype.
+      dtype: computation dtype (q/k/v are cast to it); default: their promoted dtype. Float
+        dtypes other than float32, float16 and bfloat16 (e.g. float64) compute in float32.
       precision: ignored (the op accumulates in float32).
       module: if given (flax's `sow_weights=True`), the dense path runs and the [batch..., N, T,
         S] weights are sown as 'attention_weights' (linen: 'intermediates'; nnx: nnx.Intermediate).
