@@ -47,7 +47,27 @@ def _params(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module: the resumed run and the decode checks
+    recompile functions the first run already compiled (new closures, same HLO)."""
+    import jax
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    try:
+        old = {k: getattr(jax.config, k) for k in keys}
+        jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+        jax.config.update(keys[1], 0.0)
+        jax.config.update(keys[2], 0)
+    except (AttributeError, ValueError):   # no persistent cache in this jax: just slower
+        yield
+        return
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, compile_cache):
     root = tmp_path_factory.mktemp("runs")
     full = Config(out=str(root / "cosine"), **TINY)
     summary = train(full)
@@ -98,3 +118,35 @@ def test_compare_writes_plot_and_table(runs, tmp_path):
     assert (tmp_path / "cmp" / "compare.md").read_text() == md
     rows = [r for r in md.splitlines() if r.startswith("| cosine") or r.startswith("| softmax")]
     assert len(rows) == 2 and "cosine-xla" in rows[0] and "softmax" in rows[1]
+
+
+@pytest.mark.parametrize("model,attention", [("decoder", "cosine-xla"), ("encdec", "softmax")])
+def test_decode_cache_matches_full_forward(model, attention):
+    import jax
+    import jax.numpy as jnp
+    from lm.model import Transformer
+    from lm.sample import init_cache
+
+    cfg = Config(model=model, attention=attention, norm="normformer", layers=1, d_model=32,
+                 heads=4, kv_heads=2, seq_len=12, enc_len=6, dtype="float32", scan=True)
+    full, step = Transformer(cfg), Transformer(cfg, decode=True)
+    rng = np.random.default_rng(0)
+    tok = jnp.asarray(rng.integers(0, 256, (2, cfg.seq_len)), jnp.int32)
+    src = jnp.asarray(rng.integers(0, 256, (2, cfg.enc_len)), jnp.int32)
+    src_len = jnp.array([cfg.enc_len, 2], jnp.int32)
+    params = jax.jit(full.init)(jax.random.PRNGKey(0), tok, src, src_len)["params"]
+    want = jax.jit(full.apply)({"params": params}, tok, src, src_len)
+    enc = (jax.jit(lambda p: full.apply({"params": p}, src, src_len, method=Transformer.encode))(
+        params) if model == "encdec" else None)
+
+    @jax.jit
+    def one(cache, t):
+        logits, upd = step.apply({"params": params, "cache": cache}, t, src_len=src_len, enc=enc,
+                                 mutable=["cache"])
+        return logits[:, 0], upd["cache"]
+
+    cache, got = init_cache(cfg, 2), []
+    for i in range(cfg.seq_len):
+        logits, cache = one(cache, tok[:, i:i + 1])
+        got.append(logits)
+    np.testing.assert_allclose(np.stack(got, 1), np.asarray(want), atol=2e-5, rtol=2e-5)
