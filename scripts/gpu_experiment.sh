@@ -5,7 +5,7 @@
 #
 # Usage: scripts/gpu_experiment.sh OUTDIR [extra train.py flags, which override the defaults]
 #        (the package is already pip-installed; no network needed)
-# Env:   STEPS (2000), TIME_LIMIT (220 s of training per run), BATCH (32), LAYERS (10), PYTHON.
+# Env:   STEPS (2000), TIME_LIMIT (200 s of training per run), BATCH (32), LAYERS (10), PYTHON.
 #
 # Model: 10 layers, d_model 768, 12 heads x 64, MLP 4x, pre-LN, learned absolute positions,
 # 71M params; batch 32 x 1024 bytes (32k tokens/step); AdamW lr 8e-4, 200 warmup steps, cosine
@@ -39,7 +39,7 @@ COMMON=(--model decoder --norm preln --layers "${LAYERS:-10}" --d-model 768 --he
         --seq-len 1024 --batch-size "${BATCH:-32}" --dtype bfloat16 --steps "$STEPS" --lr 8e-4
         --warmup 200 --min-lr-ratio 0.1 --weight-decay 0.1 --clip 1.0 --seed 0
         --log-every 25 --eval-every 250 --eval-batches 16 --sample-every 1000 --sample-len 256
-        --prompt-len 128 --ckpt-every 0 --keep 1 --time-limit "${TIME_LIMIT:-220}")
+        --prompt-len 128 --ckpt-every 0 --keep 1 --time-limit "${TIME_LIMIT:-200}")
 status=0
 for run in cosine softmax; do
   echo "== $run"
