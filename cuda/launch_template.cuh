@@ -6,19 +6,36 @@
 
 namespace jca {
 
-// Tile configuration per head dim (4 warps everywhere; 16 rows per warp).
+// Tile configuration per head dim (4 warps everywhere). JCA_TUNE selects an alternative set for
+// A/B measurements (build with CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJCA_TUNE=1").
+#ifndef JCA_TUNE
+#define JCA_TUNE 0
+#endif
 template <int D>
 struct Cfg {
   // forward: 4 warps x 32 query rows (2 m-tiles, FA2's 128-row tile); Q re-read from smem for
   // D > 64 to stay under 255 registers.
+#if JCA_TUNE == 1
+  // D <= 64: BC=32, Q in smem, 168 registers -> 3 CTAs (12 warps) per SM
+  static constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBC = 32;
+  static constexpr bool kFwdQSmem = true;
+  static constexpr int kFwdMinBlocks = (D <= 64 ? 3 : 2);
+#else
   static constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBC = (D <= 64 ? 64 : 32);
   static constexpr bool kFwdQSmem = D > 64;
   static constexpr int kFwdMinBlocks = 2;
+#endif
   // dq: 4 warps x 32 query rows, Q / dO re-read from smem
   static constexpr int kDqWarps = 4, kDqMT = 2, kDqBC = (D <= 32 ? 64 : 32);
+  // dK/dV: 4 warps x 16 keys; BRQ query rows per step
+#if JCA_TUNE == 1
+  static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 16);
+  static constexpr int kDkvMinBlocks = 3;
+#else
   static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
   // 3 CTAs/SM for D <= 64 (168 registers, small spill) hides more latency than 2 measured
   static constexpr int kDkvMinBlocks = (D <= 64 ? 3 : 2);
+#endif
   // fused dQ (red.add from the dK/dV kernel) measured faster for D <= 64 only (H100, N=4096)
   static constexpr bool kFuseDq = D <= 64;
 };
