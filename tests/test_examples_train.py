@@ -94,7 +94,7 @@ def test_loss_decreases(runs):
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
     assert evals[-1]["val_bpb"] < 8.0   # better than uniform over bytes
     samples = [json.loads(r) for r in open(root / "cosine" / "samples.jsonl")]
-    assert [s["step"] for s in samples] == [STEPS // 2, STEPS] and samples[-1]["text"]
+    assert [s["step"] for s in samples] == [STEPS // 2, STEPS] and samples[-1]["completion"]
     assert summary["tokens_per_s"] > 0 and summary["final_val_bpb"] == evals[-1]["val_bpb"]
 
 

@@ -132,9 +132,10 @@ def _train(cfg, mesh):
         prompt = src["tokens"][:, :cfg.prompt_len]
         out = sampler(state["params"], prompt, jax.random.PRNGKey(step),
                       src.get("src"), src.get("src_len"))
-        text = to_text(np.asarray(out)[0])
-        samples_log.write(step=step, prompt_len=cfg.prompt_len, text=text)
-        tqdm.write(f"--- sample @ {step} ---\n{text}\n---")
+        row = np.asarray(out)[0]
+        prompt_text, completion = to_text(row[:cfg.prompt_len]), to_text(row[cfg.prompt_len:])
+        samples_log.write(step=step, prompt=prompt_text, completion=completion)
+        tqdm.write(f"--- sample @ {step} (prompt, then ⟫ model) ---\n{prompt_text}⟫{completion}\n---")
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True,
