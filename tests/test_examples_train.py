@@ -64,6 +64,11 @@ def compile_cache(tmp_path_factory):
     yield
     for k, v in old.items():
         jax.config.update(k, v)
+    try:   # let later modules start from an uninitialised cache again
+        from jax.experimental.compilation_cache import compilation_cache
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
 
 
 @pytest.fixture(scope="module")
