@@ -5,17 +5,22 @@
 #
 # Usage: scripts/gpu_experiment.sh OUTDIR [extra train.py flags, which override the defaults]
 #        (the package is already pip-installed; no network needed)
-# Env:   STEPS (2000), TIME_LIMIT (200 s of training per run), BATCH (32), LAYERS (10), PYTHON.
+# Env:   STEPS (2000), TIME_LIMIT (200 s of training per run), BATCH (32), LAYERS (12), PYTHON.
 #
-# Model: 10 layers, d_model 768, 12 heads x 64, MLP 4x, pre-LN, learned absolute positions,
-# 71M params; batch 32 x 1024 bytes (32k tokens/step); AdamW lr 8e-4, 200 warmup steps, cosine
+# Model: 12 layers, d_model 768, 12 heads x 64, MLP 4x, pre-LN, learned absolute positions,
+# 86.0M params; batch 32 x 1024 bytes (32k tokens/step); AdamW lr 8e-4, 200 warmup steps, cosine
 # decay to 10%, clip 1.0; corpus: the installed Python stdlib sources (see examples/README.md).
-# Cost: ~15.8 TFLOP/step (examples/estimate_flops.py; XLA counts 17.2 with full, non-causal
-# attention). Estimated on an H100: softmax ~60 ms/step, cosine ~75 ms/step (kernel fwd+bwd
-# ~110 TFLOP/s vs cuDNN ~400 in benchmarks/bench_bf16.json), i.e. ~120 s + ~150 s of training,
-# plus ~60-90 s per run for start-up, compilation, 9 evals and 2 samples: ~6.5 min in all
-# (range 5-8). TIME_LIMIT stops a run early (final eval + summary still written) so the
-# whole script stays under 10 minutes even if a run is much slower than estimated.
+#
+# Runtime estimate (H100). examples/estimate_flops.py: 18.9 TFLOP/step analytic (16.7 dense
+# matmuls + 2.2 causal attention fwd+bwd); XLA's cost analysis, counting non-causal attention,
+# says 20.7. Assuming ~400 TFLOP/s on the dense matmuls (~42 ms) + ~9 ms of norms/GELU/Adam,
+# and attention at the rates of benchmarks/results/bench_bf16*.md (fwd+bwd, D=64: cuDNN
+# ~250-320, our op ~145-180 TFLOP/s): softmax ~60 ms/step, cosine ~66 ms/step, i.e. ~120 s and
+# ~135 s of training for 2000 steps. Each run adds ~60-80 s (imports, corpus, AOT compile,
+# eval/sampler compile, 8 evals of 16 batches, 2 samples of 384 cached decode steps, final
+# checkpoint). Total ~6.5-7 min; ~8.5 min if matmuls only reach 250 TFLOP/s. TIME_LIMIT
+# stops a run early (final eval + summary still written; steps < 2000 shows in the table), so
+# the script stays under 10 minutes even if a run is much slower than estimated.
 #
 # OUTDIR gets: cosine/ and softmax/ (config, meta, metrics.jsonl, samples.jsonl, summary.json,
 # train.log), compare.png, compare.md, env.txt. Checkpoints go to /tmp (not OUTDIR).
@@ -35,7 +40,7 @@ cd /tmp  # never import the source tree (no built extension there): run outside 
   $PY -P -c "from jax_cosine_attention import _cuda as c; print('ext', c.AVAILABLE, c.IMPORT_ERROR, c.__file__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-COMMON=(--model decoder --norm preln --layers "${LAYERS:-10}" --d-model 768 --heads 12 --mlp-ratio 4
+COMMON=(--model decoder --norm preln --layers "${LAYERS:-12}" --d-model 768 --heads 12 --mlp-ratio 4
         --seq-len 1024 --batch-size "${BATCH:-32}" --dtype bfloat16 --steps "$STEPS" --lr 8e-4
         --warmup 200 --min-lr-ratio 0.1 --weight-decay 0.1 --clip 1.0 --seed 0
         --log-every 25 --eval-every 250 --eval-batches 16 --sample-every 1000 --sample-len 256
