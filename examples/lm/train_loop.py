@@ -174,7 +174,11 @@ def _train(cfg, mesh):
             tqdm.write(f"step {step}: val loss {vl:.4f}, val bpb {vb:.4f}")
             paused = True
         if cfg.sample_every and (step % cfg.sample_every == 0 or final):
-            do_sample(step)
+            try:
+                do_sample(step)
+            except Exception as e:   # a failing decode path must not cost the training run
+                samples_log.write(step=step, error=f"{type(e).__name__}: {e}"[:2000])
+                tqdm.write(f"!! sampling failed at step {step}: {type(e).__name__}: {e}"[:2000])
             paused = True
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
             ckpt.save(step, state)
