@@ -20,9 +20,8 @@ from .parallel import constrain
 MAX_LEARNED_SCALE = 100.0
 
 
-def _init(spec=None, scale=1.0):
-    """Fan-in normal init. Sharding comes from parameter names (parallel.param_specs)."""
-    return nn.initializers.variance_scaling(scale, "fan_in", "normal")
+# Fan-in normal init for every dense kernel; sharding comes from names (parallel.param_specs).
+KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 def softmax_implementation(dtype, decode):
@@ -60,7 +59,7 @@ class Attention(nn.Module):
         N, K, H = cfg.heads, cfg.kv_heads, cfg.head_dim
         dense = lambda n, name: nn.DenseGeneral(
             (n, H), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=_init((None, "model", None)), name=name)
+            kernel_init=KERNEL_INIT, name=name)
         src = x if kv is None else kv
         q = constrain(dense(N, "query")(x), "data", None, "model", None)
         k = constrain(dense(K, "key")(src), "data", None, "model", None)
@@ -92,4 +91,4 @@ class Attention(nn.Module):
             out = out * head_scale.astype(out.dtype)[:, None]
         return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                                param_dtype=jnp.float32, name="out",
-                               kernel_init=_init(("model", None, None)))(out)
+                               kernel_init=KERNEL_INIT)(out)

@@ -13,7 +13,7 @@ Layers can be rematerialised (--remat) and stacked with nn.scan (--scan).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .attention import Attention, _init
+from .attention import KERNEL_INIT, Attention
 from .parallel import constrain
 
 VOCAB = 256
@@ -27,12 +27,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = nn.Dense(cfg.mlp_ratio * cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=_init((None, "model")), name="fc1")(x)
+                     kernel_init=KERNEL_INIT, name="fc1")(x)
         h = constrain(nn.gelu(h), "data", None, "model")
         if cfg.norm == "normformer":
             h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_mid")(h)
         return nn.Dense(cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=_init(("model", None)), name="fc2")(h)
+                        kernel_init=KERNEL_INIT, name="fc2")(h)
 
 
 class Block(nn.Module):

@@ -32,15 +32,6 @@ def constrain(x, *spec):
     return jax.lax.with_sharding_constraint(x, NamedSharding(_MESH, P(*spec)))
 
 
-def named(mesh, spec):
-    return NamedSharding(mesh, spec)
-
-
-def batch_sharding(mesh, batch):
-    """Shard every leading (batch) axis of a host batch over "data"."""
-    return {k: NamedSharding(mesh, P("data", *([None] * (np.ndim(v) - 1)))) for k, v in batch.items()}
-
-
 # Parameter partitioning by name (as dalle-mini's partitions.py): heads / MLP units on "model".
 _RULES = {
     ("query", "kernel"): (None, "model", None), ("key", "kernel"): (None, "model", None),
