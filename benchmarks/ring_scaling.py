@@ -3,6 +3,7 @@
   python -P benchmarks/ring_scaling.py [--seqs 65536 131072 262144] [--devices 1 2 4]
         [--modes ring zigzag allgather] [--causal both|yes|no] [--iters 3] [--warmup 1]
         [--out-json ring_scaling.json] [--out-md ring_scaling.md] [--append]
+  python benchmarks/ring_scaling.py --merge run1.json run2.json --out-json all.json --out-md all.md
 
 One fwd+bwd step = jax.grad of sum(cosine_sim_attention(q, k, v)) w.r.t. q, k, v (l2norm
 included), B=1, H=16 heads, D=128, bf16, q/k/v sharded on the sequence axis over n devices.
@@ -241,6 +242,9 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="merge into an existing --out-json (same device kind), e.g. to split "
                          "the run over several commands; the markdown covers all of it")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: combine earlier --out-json files (later files win for "
+                         "the same mode and device count) into --out-json / --out-md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -248,8 +252,33 @@ def main():
     args = ap.parse_args()
     if args.worker:
         worker(args)
+    elif args.merge:
+        merge(args)
     else:
         driver(args)
+
+
+def merge(args):
+    merged = None
+    for path in args.merge:
+        with open(path) as f:
+            res = json.load(f)
+        if merged is None:
+            merged = res
+            continue
+        if res.get("device_kind") != merged.get("device_kind"):
+            print(f"warning: {path} was measured on {res.get('device_kind')}, not "
+                  f"{merged.get('device_kind')}", file=sys.stderr)
+        new = {(c["mode"], c["n"]) for c in res["configs"]}
+        merged["configs"] = [c for c in merged["configs"] if (c["mode"], c["n"]) not in new]
+        merged["configs"] += res["configs"]
+        merged["seqs"] = sorted(set(merged["seqs"]) | set(res["seqs"]))
+    with open(args.out_json, "w") as f:
+        json.dump(merged, f, indent=1)
+    md = markdown(merged)
+    with open(args.out_md, "w") as f:
+        f.write(md)
+    print(md)
 
 
 if __name__ == "__main__":
