@@ -218,11 +218,11 @@ __global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
     for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV, sQ, sdO);
 }
 
-template <int D_, int NW_, int BRQ_, int MINB_, typename T_>
+template <int D_, int NW_, int MT_, int BRQ_, int MINB_, typename T_>
 struct DkvTraits {
   using T = T_;
-  static constexpr int D = D_, NW = NW_, BRQ = BRQ_;
-  static constexpr int BCK = 16 * NW;  // keys per CTA, 16 per warp
+  static constexpr int D = D_, NW = NW_, MT = MT_, BRQ = BRQ_;
+  static constexpr int BCK = 16 * MT * NW;  // keys per CTA, 16*MT per warp
   static constexpr int kThreads = 32 * NW;
   static constexpr int kStride = D + 8;
   static constexpr int kKV = BCK * kStride;    // one K (or V) tile
@@ -242,8 +242,8 @@ template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(const Params p) {
   using T = typename Tr::T;
   using Op = MmaOp<T>;
-  constexpr int D = Tr::D, BRQ = Tr::BRQ, BCK = Tr::BCK, ST = Tr::kStride;
-  constexpr int KT = D / 16, NTQ = BRQ / 8, NTO = D / 8;
+  constexpr int D = Tr::D, BRQ = Tr::BRQ, BCK = Tr::BCK, ST = Tr::kStride, MT = Tr::MT;
+  constexpr int KT = D / 16, NTQ = BRQ / 8, NTO = D / 8, R = 2 * MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + Tr::kKV;
@@ -256,6 +256,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
   const int ktile = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int s0 = ktile * BCK;
+  const int wk0 = warp * 16 * MT;  // first key row of this warp within the tile
   const RowLimits L = make_limits(p, b);
 
   const int64_t qrow = int64_t(p.N) * D, krow = int64_t(p.KH) * D;
@@ -298,10 +299,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
     cp_async_commit();
   }
 
-  float dkacc[NTO][4], dvacc[NTO][4];
-  zero_acc(dkacc);
-  zero_acc(dvacc);
-  const int srow[2] = {s0 + warp * 16 + g, s0 + warp * 16 + g + 8};
+  float dkacc[MT][NTO][4], dvacc[MT][NTO][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    zero_acc(dkacc[m]);
+    zero_acc(dvacc[m]);
+  }
+  int srow[R];  // key index of accumulator row r = 2m + h
+#pragma unroll
+  for (int r = 0; r < R; ++r) srow[r] = s0 + wk0 + 8 * r + g;
 
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
@@ -323,11 +329,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
     const float* l_s = sL + stage * BRQ;
     const float* d_s = sDl + stage * BRQ;
 
-    float sacc[NTQ][4], dpacc[NTQ][4];
-    zero_acc(sacc);
-    zero_acc(dpacc);
-    gemm_sA_nt<KT, NTQ>(sacc, sK + warp * 16 * ST, q_s, ST, lane);   // S^T = K Q^T
-    gemm_sA_nt<KT, NTQ>(dpacc, sV + warp * 16 * ST, o_s, ST, lane);  // dP^T = V dO^T
+    float sacc[MT][NTQ][4], dpacc[MT][NTQ][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      zero_acc(sacc[m]);
+      zero_acc(dpacc[m]);
+    }
+    mgemm_sA_nt<MT, KT, NTQ>(sacc, sK + wk0 * ST, q_s, ST, lane);   // S^T = K Q^T
+    mgemm_sA_nt<MT, KT, NTQ>(dpacc, sV + wk0 * ST, o_s, ST, lane);  // dP^T = V dO^T
 
     const bool need_check = p.mask != nullptr || tq0 + BRQ > L.qlen || s0 + BCK > L.kvlen ||
                             (p.causal && s0 + BCK - 1 > tq0 + p.S - p.T);
@@ -336,47 +345,55 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
     auto body = [&](auto check, auto bias) {
       constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
 #pragma unroll
-      for (int j = 0; j < NTQ; ++j) {
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int s = srow[e >> 1];
-          const int tl = 8 * j + 2 * c + (e & 1);
-          const int t = tq0 + tl;
-          bool ok = true;
-          if constexpr (CHECK) {
-            ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
-            if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+        for (int j = 0; j < NTQ; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int s = srow[2 * m + (e >> 1)];
+            const int tl = 8 * j + 2 * c + (e & 1);
+            const int t = tq0 + tl;
+            bool ok = true;
+            if constexpr (CHECK) {
+              ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
+              if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+            }
+            float x = sacc[m][j][e] * c2;
+            if constexpr (BIAS) {
+              if (ok) x = fmaf(p.bias[bo + t * p.bias_st + s * p.bias_ss], kLog2e, x);
+            }
+            float pv = ex2(x - l_s[tl]);
+            if constexpr (CHECK) pv = ok ? pv : 0.f;
+            const float ds = pv * (dpacc[m][j][e] - d_s[tl]);
+            sacc[m][j][e] = pv;
+            dpacc[m][j][e] = ds;
           }
-          float x = sacc[j][e] * c2;
-          if constexpr (BIAS) {
-            if (ok) x = fmaf(p.bias[bo + t * p.bias_st + s * p.bias_ss], kLog2e, x);
-          }
-          float pv = ex2(x - l_s[tl]);
-          if constexpr (CHECK) pv = ok ? pv : 0.f;
-          const float ds = pv * (dpacc[j][e] - d_s[tl]);
-          sacc[j][e] = pv;
-          dpacc[j][e] = ds;
-        }
-      }
     };
     dispatch2(need_check, p.bias != nullptr, body);
     if (p.fuse_dq) {  // stage unscaled dS^T (keys x queries) for dQ += dS K
 #pragma unroll
-      for (int j = 0; j < NTQ; ++j)
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<uint32_t*>(sDS + (warp * 16 + g + 8 * h) * Tr::kDSStride + 8 * j +
-                                       2 * c) = Op::pack(dpacc[j][2 * h], dpacc[j][2 * h + 1]);
+        for (int j = 0; j < NTQ; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<uint32_t*>(sDS + (wk0 + 16 * m + g + 8 * h) * Tr::kDSStride +
+                                         8 * j + 2 * c) =
+                Op::pack(dpacc[m][j][2 * h], dpacc[m][j][2 * h + 1]);
     }
 #pragma unroll
-    for (int j = 0; j < NTQ; ++j)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dpacc[j][e] *= sc;
-    uint32_t pf[NTQ / 2][4];
-    acc_to_a<NTQ, T>(pf, sacc);
-    gemm_rB_t<NTQ / 2, NTO>(dvacc, pf, o_s, ST, lane);  // dV += P^T dO
-    acc_to_a<NTQ, T>(pf, dpacc);
-    gemm_rB_t<NTQ / 2, NTO>(dkacc, pf, q_s, ST, lane);  // dK += (scale dS)^T Q
+      for (int j = 0; j < NTQ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpacc[m][j][e] *= sc;
+    uint32_t pf[MT][NTQ / 2][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc_to_a<NTQ, T>(pf[m], sacc[m]);
+    mgemm_rB_t<MT, NTQ / 2, NTO>(dvacc, pf, o_s, ST, lane);  // dV += P^T dO
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc_to_a<NTQ, T>(pf[m], dpacc[m]);
+    mgemm_rB_t<MT, NTQ / 2, NTO>(dkacc, pf, q_s, ST, lane);  // dK += (scale dS)^T Q
     if (p.fuse_dq) {
       __syncthreads();  // dS^T of all warps staged
       // dQ[tq0 + m0 .. +16, n0 .. n0 + D/WN] += dS[rows, keys] K[keys, cols]; A = dS read
@@ -415,14 +432,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
   T* dkb = static_cast<T*>(p.dk) + koff;
   T* dvb = static_cast<T*>(p.dv) + koff;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (srow[h] < p.S) {
-      uint32_t* kr = reinterpret_cast<uint32_t*>(dkb + int64_t(srow[h]) * krow);
-      uint32_t* vr = reinterpret_cast<uint32_t*>(dvb + int64_t(srow[h]) * krow);
+  for (int r = 0; r < R; ++r) {
+    if (srow[r] < p.S) {
+      uint32_t* kr = reinterpret_cast<uint32_t*>(dkb + int64_t(srow[r]) * krow);
+      uint32_t* vr = reinterpret_cast<uint32_t*>(dvb + int64_t(srow[r]) * krow);
+      const int m = r >> 1, h = r & 1;
 #pragma unroll
       for (int j = 0; j < NTO; ++j) {
-        kr[4 * j + c] = Op::pack(dkacc[j][2 * h], dkacc[j][2 * h + 1]);
-        vr[4 * j + c] = Op::pack(dvacc[j][2 * h], dvacc[j][2 * h + 1]);
+        kr[4 * j + c] = Op::pack(dkacc[m][j][2 * h], dkacc[m][j][2 * h + 1]);
+        vr[4 * j + c] = Op::pack(dvacc[m][j][2 * h], dvacc[m][j][2 * h + 1]);
       }
     }
   }

@@ -29,10 +29,14 @@ struct Cfg {
   static constexpr int kDqWarps = 4, kDqMT = 2, kDqBC = (D <= 32 ? 64 : 32);
   // dK/dV: 4 warps x 16 keys; BRQ query rows per step
 #if JCA_TUNE == 1
-  static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 16);
+  static constexpr int kDkvWarps = 4, kDkvMT = 1, kDkvBRQ = (D <= 64 ? 64 : 16);
   static constexpr int kDkvMinBlocks = 3;
+#elif JCA_TUNE == 2
+  // D <= 64: 32 keys per warp (2 m-tiles, 128-key CTA tile), 32 query rows per step
+  static constexpr int kDkvWarps = 4, kDkvMT = (D <= 64 ? 2 : 1), kDkvBRQ = (D <= 64 ? 32 : 32);
+  static constexpr int kDkvMinBlocks = 2;
 #else
-  static constexpr int kDkvWarps = 4, kDkvBRQ = (D <= 64 ? 64 : 32);
+  static constexpr int kDkvWarps = 4, kDkvMT = 1, kDkvBRQ = (D <= 64 ? 64 : 32);
   // 3 CTAs/SM for D <= 64 (168 registers, small spill) hides more latency than 2 measured
   static constexpr int kDkvMinBlocks = (D <= 64 ? 3 : 2);
 #endif
@@ -64,7 +68,7 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
   Params p = p_in;
   p.fuse_dq = Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
   using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
-  using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
+  using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
   auto kq = dq_kernel<TrQ>;
   auto kkv = dkdv_kernel<TrKV>;
   if (cudaError_t e = prepare(kq, TrQ::kSmem); e != cudaSuccess) return e;
@@ -101,7 +105,7 @@ template <int D>
 constexpr size_t max_smem() {
   using F = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, __half>;
   using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, __half>;
-  using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, __half>;
+  using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, __half>;
   size_t m = F::kSmem;
   m = m > Q::kSmem ? m : Q::kSmem;
   m = m > KV::kSmem ? m : KV::kSmem;
