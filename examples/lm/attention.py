@@ -74,6 +74,8 @@ class Attention(nn.Module):
         causal = self.causal
         if self.decode and kv is None:
             B = x.shape[0]
+            if x.shape[1] != 1:
+                raise ValueError(f"decode=True takes one token per call, got x{x.shape}")
             ck = self.variable("cache", "cached_key", jnp.zeros, (B, cfg.seq_len, K, H), k.dtype)
             cv = self.variable("cache", "cached_value", jnp.zeros, (B, cfg.seq_len, K, H), v.dtype)
             idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))

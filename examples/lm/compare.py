@@ -3,7 +3,8 @@
 Panels: train (smoothed) and validation loss vs step, validation bits per byte vs step, train
 loss vs training time. The table (printed, and written next to the PNG as .md) has per run:
 attention backend, parameters, steps, median step time, throughput (tokens/s), final train loss
-(mean of the last 10 steps), final validation loss and bpb.
+(mean of the last 10 steps), final validation loss and bpb; for two runs, a short verdict on
+speed and on the gap between their validation curves.
 """
 
 import json
@@ -41,6 +42,31 @@ def table(run_dirs, labels):
     return head + "\n".join(rows) + "\n"
 
 
+def verdict(run_dirs, labels):
+    """Two runs: a few sentences on speed and on how closely the losses agree."""
+    (a, b), (la, lb) = run_dirs, labels
+    sa, sb = summarize(a), summarize(b)
+    fast, slow = sorted([(sa["step_time_s"], la, sa), (sb["step_time_s"], lb, sb)],
+                        key=lambda t: t[0])
+    lines = [f"Speed: {fast[1]} was faster per step, {fast[0] * 1e3:.1f} ms vs "
+             f"{slow[0] * 1e3:.1f} ms ({slow[0] / fast[0]:.2f}x; {fast[2]['tokens_per_s']:,.0f} vs "
+             f"{slow[2]['tokens_per_s']:,.0f} tokens/s)."]
+    ev = [{r["step"]: r["val_bpb"] for r in read_metrics(d) if r["kind"] == "eval"}
+          for d in (a, b)]
+    shared = sorted(set(ev[0]) & set(ev[1]))
+    if shared:
+        last = shared[-1]
+        d = ev[0][last] - ev[1][last]
+        gap, at = max((abs(ev[0][s] - ev[1][s]), s) for s in shared)
+        lines.append(f"Loss: at step {last} the validation bits per byte are {ev[0][last]:.4f} "
+                     f"({la}) vs {ev[1][last]:.4f} ({lb}), a difference of {d:+.4f} bpb "
+                     f"({100 * d / ev[1][last]:+.2f}%); the largest gap over the {len(shared)} "
+                     f"shared evaluations is {gap:.4f} bpb at step {at}.")
+    if sa["steps"] != sb["steps"]:
+        lines.append(f"Note: the runs stopped at different steps ({sa['steps']} vs {sb['steps']}).")
+    return "\n".join(lines) + "\n"
+
+
 def compare(run_dirs, out_png, labels=None):
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     fig, (ax_loss, ax_bpb, ax_time) = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -71,6 +97,8 @@ def compare(run_dirs, out_png, labels=None):
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     md = table(run_dirs, labels)
+    if len(run_dirs) == 2:
+        md += "\n" + verdict(run_dirs, labels)
     with open(os.path.splitext(out_png)[0] + ".md", "w") as f:
         f.write(md)
     print(md)
