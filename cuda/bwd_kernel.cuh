@@ -399,6 +399,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
       // dQ[tq0 + m0 .. +16, n0 .. n0 + D/WN] += dS[rows, keys] K[keys, cols]; A = dS read
       // transposed from the [key][query] staging buffer, B = K [key][d] (transposed ldmatrix).
       constexpr int NQ = D / Tr::kWN / 8, KQ = BCK / 16;
+      static_assert(NQ % 2 == 0 && NQ > 0, "fused dQ: each warp needs an even number of n8 tiles");
       const int m0 = (warp % Tr::kWM) * 16, n0 = (warp / Tr::kWM) * (D / Tr::kWN);
       const int mat = lane >> 3, rr = lane & 7;
       float qacc[NQ][4];
