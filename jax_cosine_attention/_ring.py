@@ -1,10 +1,11 @@
 """Ring attention: sequence (context) parallelism over one or more mesh axes.
 
 Every device of the ring holds a slice of the query rows and a slice of the keys/values. K/V
-(with the key-side slice of a key-padding mask) travel around the ring with `lax.ppermute`; each
-device attends its local queries to the block it currently holds and merges the partial results
-with the per-row log-sum-exp. The backward runs on the same ring: dK/dV accumulators (f32) travel
-with K/V and arrive back home after the last step, dQ accumulates locally.
+(with the key-side slice of a per-key mask / bias) travel around the ring with `lax.ppermute`;
+each device attends its local queries to the block it currently holds and merges the partial
+results with the per-row log-sum-exp. The backward runs on the same ring: dK/dV accumulators (f32,
+with a per-key bias's gradient) travel with K/V and arrive back home after the last step, dQ
+accumulates locally.
 
 Per-block compute is `_ops._local_fwd` / `_ops._local_bwd`, so the CUDA kernel serves the blocks
 on GPU and the blockwise XLA path elsewhere. Each block gets its own static config: a diagonal
@@ -21,8 +22,9 @@ Layouts (per ring of n devices, global sequence split into chunks):
 
 Semantics are exactly those of `cosine_sim_attention` (key_value_seq_lengths / query_seq_lengths
 are global positions in the natural order, in either layout); supported extras: GQA/MQA, key
-padding lengths, masks that are per-key ([B|1,N|1,1,S]) or per-query ([B|1,N|1,T,1]). Not
-supported with a sharded sequence: bias, and masks with both a full T and a full S dim.
+padding lengths, masks and (differentiable) biases that are per-key ([B|1,N|1,1,S]), per-query
+([B|1,N|1,T,1]) or fully broadcast. Not supported with a sharded sequence: a mask or bias with
+both a full T and a full S dim (the helper raises; the hook falls back to the all-gather).
 
 Two entry points:
   * `ring_cosine_sim_attention(mesh, seq_axes, ...)`: an explicit `jax.shard_map` helper.
@@ -114,8 +116,10 @@ def unsupported_reason(cfg, T, S, ring):
     n = ring.size
     if ring.layout not in LAYOUTS:
         return f"unknown layout {ring.layout!r}; expected one of {LAYOUTS}"
-    if "bias" in cfg.present:
-        return "a bias is not supported with a sequence-sharded (ring) attention"
+    if "bias" in cfg.present and cfg.bias_full[2] and cfg.bias_full[3]:
+        return ("a bias with both a full query dim and a full key dim is not supported with a "
+                "sequence-sharded (ring) attention; per-key [B|1,N|1,1,S] and per-query "
+                "[B|1,N|1,T,1] biases are")
     if "mask" in cfg.present and cfg.mask_full[2] and cfg.mask_full[3]:
         return ("a mask with both a full query dim and a full key dim is not supported with a "
                 "sequence-sharded (ring) attention; use key_value_seq_lengths or a key-padding "
@@ -129,14 +133,15 @@ def unsupported_reason(cfg, T, S, ring):
     return None
 
 
-def _mask_side(cfg):
-    """'kv' (rotates with K/V), 'q' (sliced with the rows), 'static' or None."""
-    if "mask" not in cfg.present:
+def _side(cfg, name):
+    """Where a mask / bias lives: 'kv' (per key: rotates with K/V), 'q' (per query: split with
+    the rows), 'static' (broadcast over both) or None (absent)."""
+    if name not in cfg.present:
         return None
-    t_full, s_full = cfg.mask_full[2], cfg.mask_full[3]
-    if s_full:
+    full = cfg.mask_full if name == "mask" else cfg.bias_full
+    if full[3]:
         return "kv"
-    if t_full:
+    if full[2]:
         return "q"
     return "static"
 
@@ -151,7 +156,7 @@ def _shift(ring, xs):
     """Sends every array of xs to the next device on the ring (d -> d+1)."""
     n = ring.size
     perm = [(i, (i + 1) % n) for i in range(n)]
-    return tuple(None if x is None else lax.ppermute(x, _axis(ring), perm) for x in xs)
+    return jax.tree.map(lambda x: lax.ppermute(x, _axis(ring), perm), xs)
 
 
 def _seg(length, start, size):
@@ -171,12 +176,14 @@ class _Ctx:
         self.d = lax.axis_index(_axis(ring)) if self.n > 1 else jnp.int32(0)
         self.scale = scale
         got = dict(zip(cfg.present, opt))
-        self.mask_side = _mask_side(cfg)
-        self.mask = got.get("mask")
+        self.side = {name: _side(cfg, name) for name in ("mask", "bias")}
+        self.mask, self.bias = got.get("mask"), got.get("bias")
         self.q_len, self.kv_len = got.get("q_len"), got.get("kv_len")
 
-    def kv_mask(self):
-        return self.mask if self.mask_side == "kv" else None
+    def rotating(self):
+        """The key-side operands that travel with K/V: (mask, bias), None where not per key."""
+        return tuple(getattr(self, name) if self.side[name] == "kv" else None
+                     for name in ("mask", "bias"))
 
     # global lengths -> lengths of the local (prefix-shaped) slices
     def local_q_len(self, part):
@@ -202,19 +209,18 @@ class _Ctx:
             return first
         return first + _seg(self.kv_len, (2 * n - 1 - src) * self.Ck, self.Ck)
 
-    def block_args(self, src, qpart, kvpart, kv_mask, causal):
+    def block_args(self, src, qpart, kvpart, rotating, causal):
         """(cfg, optional operands) of one block; qpart 'all'|'second', kvpart 'all'|'first'."""
-        mask = None
-        if self.mask_side == "kv":
-            mask = kv_mask if kvpart == "all" else kv_mask[..., :self.Ck]
-        elif self.mask_side == "q":
-            mask = self.mask if qpart == "all" else self.mask[:, :, self.Cq:]
-        elif self.mask_side == "static":
-            mask = self.mask
-        got = {"mask": mask, "q_len": self.local_q_len(qpart),
-               "kv_len": self.local_kv_len(src, kvpart)}
+        got = {"q_len": self.local_q_len(qpart), "kv_len": self.local_kv_len(src, kvpart)}
+        for name, moving in zip(("mask", "bias"), rotating):
+            side, x = self.side[name], getattr(self, name)
+            if side == "kv":
+                x = moving if kvpart == "all" else moving[..., :self.Ck]
+            elif side == "q" and qpart == "second":
+                x = x[:, :, self.Cq:]
+            got[name] = x
         present = tuple(name for name in _ops.OPTIONALS if got.get(name) is not None)
-        cfg = self.cfg._replace(is_causal=causal, present=present, need_dbias=False)
+        cfg = self.cfg._replace(is_causal=causal, present=present)
         return cfg, tuple(got[name] for name in present)
 
     def q_rows(self, x, qpart, axis=1):
@@ -270,8 +276,8 @@ def ring_fwd(cfg, ring, q, k, v, scale, *opt):
     n = ctx.n
 
     def block(rot, src, qpart, kvpart, causal):
-        kb, vb, mb = rot
-        bcfg, bopt = ctx.block_args(src, qpart, kvpart, mb, causal)
+        kb, vb, moving = rot
+        bcfg, bopt = ctx.block_args(src, qpart, kvpart, moving, causal)
         out, lse = _ops._local_fwd(bcfg, ctx.q_rows(q, qpart), ctx.kv_rows(kb, kvpart),
                                    ctx.kv_rows(vb, kvpart), scale, *bopt)
         out = out.astype(_F32)
@@ -295,7 +301,7 @@ def ring_fwd(cfg, ring, q, k, v, scale, *opt):
                         lambda: block(rot, src, "second", "all", False))
         return _merge(acc, part)
 
-    rot = (k, v, ctx.kv_mask())
+    rot = (k, v, ctx.rotating())
     nxt = _shift(ring, rot) if n > 1 else None       # issued before the local compute
     acc = step(0, rot, None, True)
     if n > 1:
@@ -310,28 +316,42 @@ def ring_fwd(cfg, ring, q, k, v, scale, *opt):
 
 
 def ring_bwd(cfg, ring, do, q, k, v, out, lse, scale, *opt):
-    """Per-device backward on the ring. Returns (dq_acc f32 unscaled, dk, dv) like `_local_bwd`."""
+    """Per-device backward on the ring. Returns (dq_acc f32 unscaled, dk, dv[, dbias f32]) like
+    `_local_bwd`. dK/dV (and a per-key bias's gradient) travel with their K/V block and arrive
+    home after the last step; dQ (and a per-query or broadcast bias's gradient) stay local."""
     ctx = _Ctx(cfg, ring, q, k, scale, opt)
     n = ctx.n
+    bias_side = ctx.side["bias"]
+    need_db = cfg.need_dbias and bias_side is not None
+    db_shape = ctx.bias.shape if need_db else None
 
     def block(rot, src, qpart, kvpart, causal):
-        kb, vb, mb = rot
-        bcfg, bopt = ctx.block_args(src, qpart, kvpart, mb, causal)
+        kb, vb, moving = rot
+        bcfg, bopt = ctx.block_args(src, qpart, kvpart, moving, causal)
         rows = functools.partial(ctx.q_rows, qpart=qpart)
-        dq, dk, dv = _ops._local_bwd(bcfg, rows(do), rows(q), ctx.kv_rows(kb, kvpart),
-                                     ctx.kv_rows(vb, kvpart), rows(out), rows(lse, axis=2),
-                                     scale, *bopt)[:3]
-        dq, dk, dv = dq.astype(_F32), dk.astype(_F32), dv.astype(_F32)
+        res = _ops._local_bwd(bcfg, rows(do), rows(q), ctx.kv_rows(kb, kvpart),
+                              ctx.kv_rows(vb, kvpart), rows(out), rows(lse, axis=2),
+                              scale, *bopt)
+        dq, dk, dv = (x.astype(_F32) for x in res[:3])
+        db = res[3].astype(_F32) if need_db else None
         if qpart == "second":
             dq = _pad_rows(dq, ctx.Cq, 1)
+            if bias_side == "q":
+                db = _pad_rows(db, ctx.Cq, 2)
         if kvpart == "first":
             dk, dv = _pad_tail(dk, ctx.Sl - ctx.Ck), _pad_tail(dv, ctx.Sl - ctx.Ck)
-        return dq, dk, dv
+            if bias_side == "kv":
+                db = _pad_tail(db, ctx.Sl - ctx.Ck, axis=3)
+        return dq, (dk, dv, db if bias_side == "kv" else None), (db if bias_side != "kv" else None)
 
     def zeros():
-        return (jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+        db = jnp.zeros(db_shape, _F32) if need_db else None
+        return (jnp.zeros(q.shape, _F32),
+                (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32), db if bias_side == "kv" else None),
+                db if bias_side != "kv" else None)
 
     def step(i, rot, first):
+        """(dq part, travelling parts (dk, dv, per-key dbias), local dbias part)."""
         src = (ctx.d - i) % n
         kind = _step_kind(ctx, first)
         if kind in ("full", "causal"):
@@ -342,24 +362,35 @@ def ring_bwd(cfg, ring, do, q, k, v, out, lse, scale, *opt):
                         lambda: block(rot, src, "all", "first", False),
                         lambda: block(rot, src, "second", "all", False))
 
-    rot = (k, v, ctx.kv_mask())
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    rot = (k, v, ctx.rotating())
     nxt = _shift(ring, rot) if n > 1 else None
-    dq, dk, dv = step(0, rot, True)
-    if n == 1:
-        return dq, dk.astype(k.dtype), dv.astype(v.dtype)
-    travel = _shift(ring, (dk, dv))                  # dK/dV of block d-i ride with its K/V
+    dq, travel, db_local = step(0, rot, True)
+    if n > 1:
+        travel = _shift(ring, travel)                # dK/dV of block d-i ride with its K/V
 
-    def body(i, carry):
-        rot, travel, dq = carry
-        nxt = _shift(ring, rot)
-        dq_i, dk_i, dv_i = step(i, rot, False)
-        travel = _shift(ring, (travel[0] + dk_i, travel[1] + dv_i))
-        return nxt, travel, dq + dq_i
+        def body(i, carry):
+            rot, travel, dq, db_local = carry
+            nxt = _shift(ring, rot)
+            dq_i, travel_i, db_i = step(i, rot, False)
+            travel = _shift(ring, add(travel, travel_i))
+            return nxt, travel, dq + dq_i, add(db_local, db_i)
 
-    rot, travel, dq = lax.fori_loop(1, n - 1, body, (nxt, travel, dq))
-    dq_i, dk_i, dv_i = step(n - 1, rot, False)
-    dk, dv = _shift(ring, (travel[0] + dk_i, travel[1] + dv_i))   # home: block d was at d-1
-    return dq + dq_i, dk.astype(k.dtype), dv.astype(v.dtype)
+        rot, travel, dq, db_local = lax.fori_loop(1, n - 1, body, (nxt, travel, dq, db_local))
+        dq_i, travel_i, db_i = step(n - 1, rot, False)
+        travel = _shift(ring, add(travel, travel_i))  # home: block d was at device d-1
+        dq, db_local = dq + dq_i, add(db_local, db_i)
+    dk, dv, db_kv = travel
+    res = (dq, dk.astype(k.dtype), dv.astype(v.dtype))
+    if not cfg.need_dbias:
+        return res
+    if bias_side == "kv":
+        db = db_kv
+    elif bias_side == "static" and n > 1:   # every device holds a partial sum over its rows
+        db = lax.psum(db_local, _axis(ring))
+    else:
+        db = db_local
+    return res + (db,)
 
 
 # ------------------------------------------------------------------ explicit shard_map helper
@@ -387,17 +418,17 @@ def _specs(cfg, spec):
     qs, kvs, rows = P(b, s, hq, None), P(b, s, hk, None), P(b, hq, s)
     opt = []
     for name in cfg.present:
-        if name == "mask":
-            bf, nf, tf, sf = cfg.mask_full
-            opt.append(P(b if bf else None, hq if nf else None, s if tf else None,
+        if name in ("mask", "bias"):
+            bf, nf, tf, sf = cfg.mask_full if name == "mask" else cfg.bias_full
+            opt.append(P(b if bf else None, hq if nf else None, s if tf and not sf else None,
                          s if sf else None))
         else:
             opt.append(P(b))
     return qs, kvs, rows, P(hq), tuple(opt)
 
 
-def _present(mask, q_len, kv_len):
-    return tuple(x for x in (mask, q_len, kv_len) if x is not None)
+def _present(bias, mask, q_len, kv_len):
+    return tuple(x for x in (bias, mask, q_len, kv_len) if x is not None)
 
 
 def _placed(mesh, specs, args):
@@ -422,38 +453,49 @@ def _sharded_fwd(cfg, spec, q, k, v, scale, *opt):
 
 def _sharded_bwd(cfg, spec, do, q, k, v, out, lse, scale, *opt):
     qs, kvs, rows, heads, opt_specs = _specs(cfg, spec)
+    # Gradients of operands replicated over a sharded axis are partial sums on each device.
     kv_sum = _as_tuple(spec.hq) if spec.hk is None else ()   # MQA with sharded query heads
+    out_specs = (qs, kvs, kvs)
+    db_sum = ()
+    if cfg.need_dbias:
+        full = cfg.bias_full
+        db_sum = (() if full[0] else _as_tuple(spec.b)) + (() if full[1] else _as_tuple(spec.hq))
+        out_specs += (opt_specs[cfg.present.index("bias")],)
 
     def local(*args):
-        dq, dk, dv = ring_bwd(cfg, spec.ring, *args)
+        res = list(ring_bwd(cfg, spec.ring, *args))
         if kv_sum:
-            dk, dv = lax.psum(dk, kv_sum), lax.psum(dv, kv_sum)
-        return dq, dk, dv
+            res[1], res[2] = lax.psum(res[1], kv_sum), lax.psum(res[2], kv_sum)
+        if db_sum:
+            res[3] = lax.psum(res[3], db_sum)
+        return tuple(res)
 
     in_specs = (qs, qs, kvs, kvs, qs, rows, heads) + opt_specs
-    f = jax.shard_map(local, mesh=spec.mesh, in_specs=in_specs, out_specs=(qs, kvs, kvs),
+    f = jax.shard_map(local, mesh=spec.mesh, in_specs=in_specs, out_specs=out_specs,
                       check_vma=False)
     return f(*_placed(spec.mesh, in_specs, (do, q, k, v, out, lse, scale) + opt))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec):
-    return _sharded_fwd(cfg, spec, q, k, v, scale, *_present(mask, q_len, kv_len))[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _ring_core(q, k, v, scale, bias, mask, q_len, kv_len, cfg, spec):
+    return _sharded_fwd(cfg, spec, q, k, v, scale, *_present(bias, mask, q_len, kv_len))[0]
 
 
-def _ring_core_fwd(q, k, v, scale, mask, q_len, kv_len, cfg, spec):
-    out, lse = _sharded_fwd(cfg, spec, q, k, v, scale, *_present(mask, q_len, kv_len))
-    return out, (q, k, v, scale, mask, q_len, kv_len, out, lse)
+def _ring_core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg, spec):
+    out, lse = _sharded_fwd(cfg, spec, q, k, v, scale, *_present(bias, mask, q_len, kv_len))
+    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse)
 
 
 def _ring_core_bwd(cfg, spec, res, do):
-    q, k, v, scale, mask, q_len, kv_len, out, lse = res
-    dq_acc, dk, dv = _sharded_bwd(cfg, spec, do, q, k, v, out, lse, scale,
-                                  *_present(mask, q_len, kv_len))
+    q, k, v, scale, bias, mask, q_len, kv_len, out, lse = res
+    grads = _sharded_bwd(cfg, spec, do, q, k, v, out, lse, scale,
+                         *_present(bias, mask, q_len, kv_len))
+    dq_acc, dk, dv = grads[:3]
     scale_f32 = scale.astype(_F32)
     dq = (dq_acc * scale_f32[None, None, :, None]).astype(q.dtype)
     dscale = jnp.sum(q.astype(_F32) * dq_acc, axis=(0, 1, 3)).astype(scale.dtype)
-    return dq, dk, dv, dscale, None, None, None
+    dbias = None if bias is None else grads[3].astype(bias.dtype)
+    return dq, dk, dv, dscale, dbias, None, None, None
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
@@ -476,8 +518,9 @@ def ring_cosine_sim_attention(mesh, seq_axes, *, batch_axes=None, head_axes=None
     overrides the one in `options` (it may be a traced / learned [N] array).
 
     Requirements: the sequence lengths divisible by the ring size (2x ring size for zigzag),
-    T == S for causal, no bias, and masks that are per-key [B|1,N|1,1,S] or per-query
-    [B|1,N|1,T,1] (or fully broadcast).
+    T == S for causal, and a bias / mask that is per-key [B|1,N|1,1,S], per-query
+    [B|1,N|1,T,1] or fully broadcast (not both a full T and a full S dim). In the zig-zag
+    layout, per-key and per-query operands must be in zig-zag order along their S / T dim.
     """
     from ._checks import canonicalize
     from .api import _resolve_implementation
@@ -527,7 +570,7 @@ def ring_cosine_sim_attention(mesh, seq_axes, *, batch_axes=None, head_axes=None
         b, hq, hk = _ops._plan(mesh, NamedSharding(mesh, P(batch_axes, None, head_axes, None)),
                                N, K)
         spec = _Spec(mesh, ring, b, hq, hk)
-        out = _ring_core(q, k, c.v, c.scale, c.mask, c.q_len, c.kv_len, cfg, spec)
+        out = _ring_core(q, k, c.v, c.scale, c.bias, c.mask, c.q_len, c.kv_len, cfg, spec)
         return out[0] if c.unbatched else out
 
     return call
@@ -570,6 +613,6 @@ def explicit_mesh_ring(plan, cfg, q, k):
     return _Spec(mesh, ring, b, hq, hk)
 
 
-def ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec):
+def ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec, bias=None):
     """Differentiable ring attention on global (sharded) arrays; spec from `explicit_mesh_ring`."""
-    return _ring_core(q, k, v, scale, mask, q_len, kv_len, cfg, spec)
+    return _ring_core(q, k, v, scale, bias, mask, q_len, kv_len, cfg, spec)

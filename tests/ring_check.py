@@ -52,15 +52,16 @@ def data(B, T, N, K, H, dtype, seed=0):
     return mk(B, T, N, H), mk(B, T, K, H), mk(B, T, K, H), mk(B, T, N, H)
 
 
-def compare(ring_fn, plain_fn, args, cot, plain_args=None, unpermute=None):
-    """Forward and grads (q, k, v, scale) of ring_fn vs plain_fn; returns errors + HLO info.
+def compare(ring_fn, plain_fn, args, cot, plain_args=None, unpermute=None, unpermute_bias=None):
+    """Forward and grads (q, k, v, scale[, bias]) of ring_fn vs plain_fn; errors + HLO info.
 
-    `unpermute` maps ring outputs/gradients (e.g. in zig-zag order) back to plain's order."""
+    `unpermute` maps ring outputs/gradients (e.g. in zig-zag order) back to plain's order;
+    `unpermute_bias` does the same for the bias gradient."""
     def loss(fn, cot):
-        def f(q, k, v, s):
-            o = fn(q, k, v, s)
+        def f(*a):
+            o = fn(*a)
             return jnp.sum(o.astype(jnp.float32) * cot.astype(jnp.float32)), o
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+        return jax.jit(jax.grad(f, argnums=tuple(range(len(args))), has_aux=True))
 
     un = unpermute or (lambda x: x)
     t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def compare(ring_fn, plain_fn, args, cot, plain_args=None, unpermute=None):
     gr, o_r = compiled(*args)
     gp, o_p = loss(plain_fn, cot)(*(plain_args or args))
     o_r = un(o_r)
-    gr = (un(gr[0]), un(gr[1]), un(gr[2]), gr[3])
+    gr = (un(gr[0]), un(gr[1]), un(gr[2]), gr[3]) + tuple(
+        (unpermute_bias or (lambda x: x))(g) for g in gr[4:])
     finite = bool(all(bool(jnp.all(jnp.isfinite(x))) for x in (o_r, *gr)))
     return {
         "max_err_out": rel_err(o_r, o_p),
@@ -148,6 +150,7 @@ def main():
     kv_len0 = jnp.array([0, T // 3], jnp.int32)          # batch 0 has no valid key at all
     key_mask = jnp.asarray(np.random.default_rng(1).random((B, 1, 1, T)) > 0.3)
     key_mask = key_mask.at[:, :, :, -1].set(True)
+    key_bias = jnp.asarray(np.random.default_rng(2).normal(size=(B, N, 1, T)), jnp.float32)
     results = {}
 
     def want(name):
@@ -181,14 +184,16 @@ def main():
         mesh2 = jax.make_mesh(two, ("x", "y"), axis_types=(auto, auto))
         f = ring_cosine_sim_attention(mesh2, ("x", "y"), layout="zigzag", is_causal=True)
         zmask = zig(key_mask, 3)
-        ring_fn = lambda q, k, v, s: f(q, k, v, mask=zmask, scale=s, key_value_seq_lengths=kv_len0)
-        plain = lambda q, k, v, s: cosine_sim_attention(q, k, v, mask=key_mask, scale=s,
-                                                        is_causal=True,
-                                                        key_value_seq_lengths=kv_len0)
+        ring_fn = lambda q, k, v, s, b: f(q, k, v, b, mask=zmask, scale=s,
+                                          key_value_seq_lengths=kv_len0)
+        plain = lambda q, k, v, s, b: cosine_sim_attention(q, k, v, b, mask=key_mask, scale=s,
+                                                           is_causal=True,
+                                                           key_value_seq_lengths=kv_len0)
         PERMUTE = zig
         results["helper-2axes-zigzag-mask"] = compare(
-            ring_fn, plain, (zig(q), zig(k), zig(v), scale), cot, plain_args=(q, k, v, scale),
-            unpermute=unzig)
+            ring_fn, plain, (zig(q), zig(k), zig(v), scale, zig(key_bias, 3)), cot,
+            plain_args=(q, k, v, scale, key_bias), unpermute=unzig,
+            unpermute_bias=lambda g: _ring.from_zigzag(g, n, axis=3))
     # ---- batch x sequence mesh, MQA (one kv head)
     if n >= 2 and want("helper-batch-seq-mqa"):
         mesh3 = jax.make_mesh(two, ("dp", "sp"), axis_types=(auto, auto))
@@ -200,19 +205,22 @@ def main():
         results["helper-batch-seq-mqa"] = compare(ring_fn, plain, (q1, k1, v1, scale), cot)
 
     # ---- plain cosine_sim_attention under jit with sequence-sharded NamedSharding inputs
-    def hook_case(name, mesh, spec, causal, **kw):
+    def hook_case(name, mesh, spec, causal, bias=None, **kw):
         sh = NamedSharding(mesh, spec)
         placed = tuple(jax.device_put(x, sh) for x in (q, k, v))
-        fn = lambda q, k, v, s: cosine_sim_attention(q, k, v, scale=s, is_causal=causal, **kw)
-        results[name] = compare(fn, fn, placed + (scale,), cot, plain_args=(q, k, v, scale))
+        extra = () if bias is None else (bias,)
+        fn = lambda q, k, v, s, *b: cosine_sim_attention(q, k, v, *b, scale=s, is_causal=causal,
+                                                         **kw)
+        results[name] = compare(fn, fn, placed + (scale,) + extra, cot,
+                                plain_args=(q, k, v, scale) + extra)
 
     if want("hook-causal"):
         hook_case("hook-causal", seq_mesh, P(None, "sp", None, None), True,
-                  key_value_seq_lengths=kv_len)
+                  bias=key_bias[:1], key_value_seq_lengths=kv_len)
     if want("hook-explicit-causal"):  # Explicit mesh: api routes to the shard_map ring
         emesh = jax.make_mesh((n,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
         hook_case("hook-explicit-causal", emesh, P(None, "sp", None, None), True,
-                  key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
+                  bias=key_bias[:, :1], key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
     if n >= 2 and want("hook-batch-seq-mask"):
         mesh3 = jax.make_mesh(two, ("dp", "sp"), axis_types=(auto, auto))
         hook_case("hook-batch-seq-mask", mesh3, P("dp", "sp", None, None), False, mask=key_mask,
@@ -228,7 +236,7 @@ def main():
                                     "max_err_out": rel_err(fn(*placed), fn(q, k, v))}
         os.environ["JCA_RING"] = "1"
 
-    # ---- a bias with a sharded sequence is rejected by the helper
+    # ---- a full [T, S] bias with a sharded sequence is rejected by the helper
     if want("helper-bias-error"):
         f = ring_cosine_sim_attention(seq_mesh, "sp")
         try:

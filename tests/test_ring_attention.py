@@ -32,9 +32,10 @@ def results():
 RING_CASES = [
     "helper-contiguous-full",       # non-causal, GQA, key padding + query lengths
     "helper-zigzag-causal",         # load-balanced layout
-    "helper-2axes-zigzag-mask",     # ring over two mesh axes, key-padding mask, empty rows
+    "helper-2axes-zigzag-mask",     # ring over two mesh axes, key mask + key bias, empty rows
     "helper-batch-seq-mqa",         # batch x sequence mesh, MQA
-    "hook-causal",                  # plain cosine_sim_attention, NamedSharding on the sequence
+    "hook-causal",                  # plain cosine_sim_attention, NamedSharding on the sequence,
+                                    # per-key bias (its gradient travels with dK/dV)
     "hook-explicit-causal",         # ... on an Explicit mesh (shard_map ring path)
     "hook-batch-seq-mask",          # ... batch x sequence, non-causal, key-padding mask
 ]
@@ -64,9 +65,9 @@ def test_hook_can_be_disabled(results):
     assert r["max_err_out"] < TOL, r
 
 
-def test_bias_with_sharded_sequence_is_a_clear_error(results):
+def test_full_bias_with_sharded_sequence_is_a_clear_error(results):
     msg = results["helper-bias-error"]["raised"]
-    assert msg is not None and "bias is not supported" in msg
+    assert msg is not None and "both a full query dim and a full key dim" in msg, msg
 
 
 def test_ring_blocks_lower_to_the_cuda_kernel(results):
