@@ -166,7 +166,7 @@ def _shardings(cfg, mesh, plan, seq=None):
     opt = []
     for name in cfg.present:
         if name == "bias":
-            opt.append(_operand_sharding(mesh, cfg.bias_full, b, hq))
+            opt.append(_operand_sharding(mesh, cfg.bias_full, b, hq, seq))
         elif name == "mask":
             opt.append(_operand_sharding(mesh, cfg.mask_full, b, hq, seq))
         else:

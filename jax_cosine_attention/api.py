@@ -91,7 +91,8 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
     if plan is None:
         out = attention_core(q, k, c.v, c.scale, c.bias, c.mask, c.q_len, c.kv_len, cfg)
     elif ring is not None:
-        out = _ring.ring_core(q, k, c.v, c.scale, c.mask, c.q_len, c.kv_len, cfg, ring)
+        out = _ring.ring_core(q, k, c.v, c.scale, c.mask, c.q_len, c.kv_len, cfg, ring,
+                              bias=c.bias)
     else:
         out = _under_shard_map(plan, cfg, q, k, c)
     return out[0] if c.unbatched else out
