@@ -36,9 +36,10 @@ else:
         _C = None
         IMPORT_ERROR = f"registering the CUDA FFI targets failed: {e!r}"
 
-AVAILABLE = _C is not None and os.environ.get("JCA_DISABLE_CUDA", "0") != "1"
-if _C is not None and not AVAILABLE:
-    IMPORT_ERROR = None  # built fine, disabled on purpose
+DISABLED = os.environ.get("JCA_DISABLE_CUDA", "0") == "1"
+AVAILABLE = _C is not None and not DISABLED
+if _C is not None and DISABLED:
+    IMPORT_ERROR = "CUDA kernels disabled by JCA_DISABLE_CUDA=1"
 
 
 def bwd_workspace_bytes(B, N, T):

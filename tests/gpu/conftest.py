@@ -39,6 +39,8 @@ def _extension_loaded():
     if not HAS_GPU:
         return
     from jax_cosine_attention import _cuda
+    if getattr(_cuda, "DISABLED", False):
+        pytest.skip("CUDA kernels disabled by JCA_DISABLE_CUDA=1", allow_module_level=True)
     if not _cuda.AVAILABLE:
         pytest.fail(f"A GPU is present but the CUDA extension is not available: {_cuda.IMPORT_ERROR} "
                     f"(module file {_cuda.__file__}; run pytest from outside the repo root)",
