@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -353,8 +354,14 @@ def _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
 
 
 def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    # symbolic_zeros: each argument arrives as CustomVJPPrimal(value, perturbed). A bias nobody
+    # differentiates (ALiBi, a fixed relative-position table) then skips the dbias work.
+    bias_grad = bias is not None and bias.perturbed
+    q, k, v, scale, bias, mask, q_len, kv_len = custom_vjp_primal_tree_values(
+        (q, k, v, scale, bias, mask, q_len, kv_len))
     out, lse = _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
-    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse)
+    dbias_marker = () if bias_grad else None  # static, carried as the residuals' structure
+    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker)
 
 
 def _like(x, like):
@@ -367,7 +374,10 @@ def _like(x, like):
 
 
 def _core_bwd(cfg, res, do):
-    q, k, v, scale, bias, mask, q_len, kv_len, out, lse = res
+    q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker = res
+    cfg = cfg._replace(need_dbias=dbias_marker is not None)
+    if isinstance(do, SymbolicZero):
+        do = jnp.zeros(out.shape, out.dtype)
     K = k.shape[2]
     grads = _batched("bwd", cfg, q.shape[2] // K, K)(do, q, k, v, out, lse, scale,
                                                      *_present(bias, mask, q_len, kv_len))
@@ -375,10 +385,8 @@ def _core_bwd(cfg, res, do):
     scale_f32 = scale.astype(jnp.float32)
     dq = _like(dq_acc * scale_f32[None, None, :, None], q)
     dscale = _like(jnp.sum(q.astype(jnp.float32) * dq_acc, axis=(0, 1, 3)), scale)
-    dbias = None
-    if bias is not None:
-        dbias = _like(grads[3], bias) if cfg.need_dbias else jnp.zeros_like(bias)
+    dbias = _like(grads[3], bias) if cfg.need_dbias else None
     return dq, _like(dk, k), _like(dv, v), dscale, dbias, None, None, None
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)

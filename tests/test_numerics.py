@@ -133,3 +133,10 @@ def test_prenormalised_inputs(rng, impl):
     data["query"] = np.asarray(l2norm(jnp.asarray(data["query"]), 2))
     check_against_oracle(rng, F32, diff=data, static=dict(l2norm_qk=False, scale=4.0),
                          implementation=impl)
+
+
+def test_bias_not_differentiated(rng, impl):
+    """A bias outside the differentiated inputs skips its gradient; the others stay exact."""
+    bias = 2 * rng.normal(size=(1, 4, 45, 37))
+    check_against_oracle(rng, F32, diff=qkv(rng), static=dict(bias=jnp.asarray(bias, jnp.float32),
+                                                               is_causal=True), implementation=impl)
