@@ -120,18 +120,15 @@ def _spec(sharding, ndim):
     return (None,) * ndim
 
 
+def _as_tuple(axes):
+    return () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+
+
 def _axes_size(mesh, axes):
-    if axes is None:
-        return 1
-    axes = axes if isinstance(axes, tuple) else (axes,)
     size = 1
-    for a in axes:
+    for a in _as_tuple(axes):
         size *= mesh.shape[a]
     return size
-
-
-def _as_tuple(axes):
-    return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
 
 
 def _plan(mesh, q_sharding, N, K):
@@ -176,8 +173,7 @@ def _shardings(cfg, mesh, plan, seq=None):
 
 
 def _psum(x, axes):
-    axes = tuple(a for a in axes)
-    return jax.lax.psum(x, axes) if axes else x
+    return jax.lax.psum(x, tuple(axes)) if axes else x
 
 
 def _meshless(fn):

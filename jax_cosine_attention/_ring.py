@@ -395,8 +395,7 @@ def ring_bwd(cfg, ring, do, q, k, v, out, lse, scale, *opt):
 
 # ------------------------------------------------------------------ explicit shard_map helper
 
-def _as_tuple(axes):
-    return () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+_as_tuple = _ops._as_tuple
 
 
 class _Spec(NamedTuple):
