@@ -11,6 +11,7 @@ Absent optional operands, and dbias when it is not needed, cross the FFI boundar
 (0,) arrays. The bias is passed as f32 (converted here when it is bf16/f16); the mask as bool.
 """
 
+import importlib.util
 import os
 
 import jax
@@ -22,12 +23,16 @@ BWD_TARGET = "jca_cosattn_bwd"
 HEAD_DIMS = (16, 32, 64, 96, 128)
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
-try:  # present only when nvcc and jax were there at install time
-    from . import _jca_cuda as _C
-except ImportError as e:  # pragma: no cover - depends on the build
-    _C = None
-    IMPORT_ERROR = f"CUDA extension not built or not importable: {e}"
+_C = None
+if importlib.util.find_spec(f"{__package__}._jca_cuda") is None:  # built only with nvcc + jax
+    IMPORT_ERROR = ("the CUDA extension was not built (pure-JAX install: no nvcc, JCA_CUDA=OFF, "
+                    "or jax missing at build time)")
 else:
+    try:
+        from . import _jca_cuda as _C
+    except ImportError as e:  # pragma: no cover - depends on the build
+        IMPORT_ERROR = f"the CUDA extension failed to import: {e}"
+if _C is not None:
     IMPORT_ERROR = None
     try:
         for _name, _capsule in _C.registrations().items():
