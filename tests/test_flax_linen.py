@@ -2,10 +2,6 @@
 
 import functools
 import json
-import os
-import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +14,7 @@ from jax_cosine_attention import cosine_sim_attention_reference  # noqa: E402
 from jax_cosine_attention.flax import cosine_sim_attention_fn  # noqa: E402
 from jax_cosine_attention.flax import _attend  # noqa: E402
 from jax_cosine_attention.flax.linen import CosineSimAttention  # noqa: E402
+from mesh_report import collectives, run_mesh_check, spec4  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -29,7 +26,6 @@ def _fast_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _proj(p, x):
@@ -229,26 +225,6 @@ def test_module_dtypes():
 
 # ------------------------------------------------------------------ 4-device mesh (subprocess)
 
-COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-                        r"(-start)?\(")
-
-
-def collectives(hlo_text):
-    """[(kind, op_name)] of the collectives in compiled HLO text."""
-    found = []
-    for line in hlo_text.splitlines():
-        m = COLLECTIVE.search(line)
-        if m:
-            name = re.search(r'op_name="([^"]*)"', line)
-            found.append((m.group(1), name.group(1) if name else ""))
-    return found
-
-
-def _spec4(sharding):
-    spec = tuple(getattr(sharding, "spec", ()))
-    return list(spec + (None,) * (4 - len(spec))) if spec else None
-
-
 def _mesh_check():
     """Runs in a subprocess with 4 host devices; prints a JSON report per mesh axis type."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -266,7 +242,7 @@ def _mesh_check():
 
     def spy(q, k, v, *a, **kw):
         for t in (q, k, v):
-            jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(_spec4(s)))
+            jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(spec4(s)))
         return real(q, k, v, *a, **kw)
 
     _attend.cosine_sim_attention = spy
@@ -288,16 +264,6 @@ def _mesh_check():
                                  qkv=[s for s in seen if s is not None],
                                  err=float(jnp.abs(y - y_ref).max()))
     print(json.dumps(report))
-
-
-def run_mesh_check(module_name):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    code = f"import {module_name} as t; t._mesh_check()"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

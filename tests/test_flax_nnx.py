@@ -2,10 +2,6 @@
 
 import functools
 import json
-import os
-import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +15,9 @@ from jax_cosine_attention import cosine_sim_attention_reference  # noqa: E402
 from jax_cosine_attention.flax import cosine_sim_attention_fn  # noqa: E402
 from jax_cosine_attention.flax import _attend  # noqa: E402
 from jax_cosine_attention.flax.nnx import CosineSimAttention  # noqa: E402
+from mesh_report import collectives, run_mesh_check, spec4  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,26 +176,6 @@ def test_module_dtypes_and_annotations():
 
 # ------------------------------------------------------------------ 4-device mesh (subprocess)
 
-COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-                        r"(-start)?\(")
-
-
-def collectives(hlo_text):
-    """[(kind, op_name)] of the collectives in compiled HLO text."""
-    found = []
-    for line in hlo_text.splitlines():
-        m = COLLECTIVE.search(line)
-        if m:
-            name = re.search(r'op_name="([^"]*)"', line)
-            found.append((m.group(1), name.group(1) if name else ""))
-    return found
-
-
-def _spec4(sharding):
-    spec = tuple(getattr(sharding, "spec", ()))
-    return list(spec + (None,) * (4 - len(spec))) if spec else None
-
-
 def _mesh_check():
     """Runs in a subprocess with 4 host devices; prints a JSON report per mesh axis type."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -218,7 +194,7 @@ def _mesh_check():
 
     def spy(q, k, v, *a, **kw):
         for t in (q, k, v):
-            jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(_spec4(s)))
+            jax.debug.inspect_array_sharding(t, callback=lambda s: seen.append(spec4(s)))
         return real(q, k, v, *a, **kw)
 
     _attend.cosine_sim_attention = spy
@@ -245,12 +221,7 @@ def _mesh_check():
 
 @pytest.fixture(scope="module")
 def mesh_report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    res = subprocess.run([sys.executable, "-c", "import test_flax_nnx as t; t._mesh_check()"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_mesh_check("test_flax_nnx")
 
 
 @pytest.mark.parametrize("axis_type", ["AxisType.Auto", "AxisType.Explicit"])
