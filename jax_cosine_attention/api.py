@@ -13,7 +13,6 @@ def _resolve_implementation(implementation, c):
     """'xla' or 'cuda'. Raises for an explicit 'cuda' the kernel cannot serve."""
     if implementation == "xla":
         return "xla"
-    reason = None
     if not _cuda.AVAILABLE:
         reason = f"the CUDA extension is not available ({_cuda.IMPORT_ERROR})"
     else:
