@@ -5,7 +5,9 @@
 
 Paths (all include the l2norm of q and k, scale 10):
   cuda        this library, implementation="cuda"
-  kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc)
+  kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc); on an
+              sm_90 device the forward takes the sm_90a (TMA + wgmma) kernel where it applies
+  kernel_sm80 the same with the portable sm_80 forward kernel forced (A/B against `kernel`)
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
   xla_lib     this library, implementation="xla" (blockwise)
@@ -65,21 +67,21 @@ def make_fwd(path, causal):
             is_causal=causal, implementation="cudnn")
     if path == "xla_plain":
         return lambda q, k, v: plain_xla(q, k, v, causal)
-    if path == "kernel":  # inputs are pre-normalised by the caller
+    if path in ("kernel", "kernel_sm80"):  # inputs are pre-normalised by the caller
         def f(q, k, v):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
-                             bounded=True)[0]
+                             bounded=True, sm90=path == "kernel")[0]
         return f
     raise ValueError(path)
 
 
 def make_fn(path, mode, causal):
-    if path == "kernel" and mode == "fwd+bwd":
+    if path in ("kernel", "kernel_sm80") and mode == "fwd+bwd":
         def fb(q, k, v, do):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
-                               bounded=True)
+                               bounded=True, sm90=path == "kernel")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
                              groups=1, bounded=True, need_dbias=False, deterministic=False)[:3]
         return jax.jit(fb)
@@ -136,14 +138,16 @@ def main(argv=None):
     modes = ["fwd"] if a.only_forwards else (["fwd+bwd"] if a.only_backwards else ["fwd", "fwd+bwd"])
     dev = jax.devices()[0]
     card = getattr(dev, "device_kind", str(dev))
-    print(f"card: {card}; jax {jax.__version__}; cuda kernels available: {_cuda.AVAILABLE}", flush=True)
+    print(f"card: {card}; jax {jax.__version__}; cuda kernels available: {_cuda.AVAILABLE}; "
+          f"sm_90a forward built: {_cuda.SM90_BUILT}", flush=True)
 
     configs = []
     for D in a.dims:
         for N in a.seqs:
             configs.append((a.batch, N, D, a.paths))
         for N in a.long:
-            configs.append((1, N, D, [p for p in a.paths if p in ("cuda", "kernel", "cudnn")]))
+            configs.append((1, N, D, [p for p in a.paths
+                                      if p in ("cuda", "kernel", "kernel_sm80", "cudnn")]))
     jobs = [(B, N, D, p, m) for (B, N, D, paths) in configs for m in modes for p in paths]
 
     results = []
@@ -157,7 +161,7 @@ def main(argv=None):
             q, k, v, do = (jnp.asarray(rng.standard_normal(shp, np.float32), dtype) for _ in range(4))
             cache[key] = (q, k, v, do, l2n(q), l2n(k))
         q, k, v, do, qn, kn = cache[key]
-        args = (qn, kn, v, do) if path == "kernel" else (q, k, v, do)
+        args = (qn, kn, v, do) if path.startswith("kernel") else (q, k, v, do)
         rec = dict(path=path, mode=mode, B=B, H=a.heads, T=N, S=N, D=D, causal=a.causal,
                    dtype=a.dtype, card=card)
         try:

@@ -47,7 +47,36 @@ JCA_EXTERN(128)
     }                                                                                \
   } while (0)
 
-cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) { JCA_DISPATCH(run_fwd, p, stream); }
+#ifndef JCA_HAVE_SM90
+#define JCA_HAVE_SM90 0
+#endif
+
+bool Sm90KernelsBuilt() { return JCA_HAVE_SM90 != 0; }
+
+bool UsesSm90Fwd(const Params& p) {
+  return JCA_HAVE_SM90 && p.allow_sm90 && p.cc == 90 && (p.D == 64 || p.D == 128) &&
+         p.bias == nullptr && p.mask == nullptr;
+}
+
+#if JCA_HAVE_SM90
+#define JCA_EXTERN_SM90(D)                                                                   \
+  extern template cudaError_t sm90::run_fwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
+  extern template cudaError_t sm90::run_fwd<D, __half>(const Params&, cudaStream_t);
+JCA_EXTERN_SM90(64)
+JCA_EXTERN_SM90(128)
+#undef JCA_EXTERN_SM90
+#endif
+
+cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) {
+#if JCA_HAVE_SM90
+  if (UsesSm90Fwd(p)) {
+    const bool bf = p.dtype == DType::kBF16;
+    if (p.D == 64) return bf ? sm90::run_fwd<64, __nv_bfloat16>(p, stream) : sm90::run_fwd<64, __half>(p, stream);
+    return bf ? sm90::run_fwd<128, __nv_bfloat16>(p, stream) : sm90::run_fwd<128, __half>(p, stream);
+  }
+#endif
+  JCA_DISPATCH(run_fwd, p, stream);
+}
 cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) { JCA_DISPATCH(run_bwd, p, stream); }
 
 }  // namespace jca

@@ -147,6 +147,7 @@ ffi::Error FillCommon(jca::Params& p, const ffi::AnyBuffer& q, const ffi::AnyBuf
   auto info = GetDeviceInfo(ordinal);
   if (info.has_error()) return info.error();
   if (info->cc_major < 8) return Invalid("needs compute capability >= 8.0 (mma.sync bf16/f16)");
+  p.cc = info->cc_major * 10 + info->cc_minor;
   if (jca::MaxSmemBytes(p.D) > size_t(info->smem_optin))
     return Invalid("kernel needs " + std::to_string(jca::MaxSmemBytes(p.D)) +
                    " bytes of shared memory per block; device allows " +
@@ -169,8 +170,10 @@ bool SameDims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
 ffi::Error FwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::AnyBuffer v, ffi::AnyBuffer scale, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                    ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::Result<ffi::AnyBuffer> o,
-                   ffi::Result<ffi::AnyBuffer> lse, bool causal, int64_t groups, bool bounded) {
+                   ffi::Result<ffi::AnyBuffer> lse, bool causal, int64_t groups, bool bounded,
+                   bool sm90) {
   jca::Params p;
+  p.allow_sm90 = sm90;
   if (ffi::Error e = FillCommon(p, q, k, v, scale, bias, mask, q_len, kv_len, causal, groups,
                                 bounded, ordinal);
       e.failure())
@@ -277,7 +280,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnFwd, FwdImpl,
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("groups")
-                                  .Attr<bool>("bounded"),
+                                  .Attr<bool>("bounded")
+                                  .Attr<bool>("sm90"),  // may take the sm_90a kernel
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
@@ -323,5 +327,6 @@ NB_MODULE(_jca_cuda, m) {
   m.def("bwd_workspace_bytes",
         [](int64_t B, int64_t N, int64_t T) { return jca::BwdWorkspaceBytes(B, N, T); });
   m.def("head_dim_supported", [](int d) { return jca::HeadDimSupported(d); });
+  m.attr("sm90_built") = jca::Sm90KernelsBuilt();
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }

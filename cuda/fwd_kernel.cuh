@@ -12,23 +12,9 @@
 // Row sums are kept per thread and reduced across the quad once, at the end.
 #pragma once
 #include "kernel_common.cuh"
+#include "softmax_shift.cuh"
 
 namespace jca {
-
-template <typename T>
-struct ShiftCfg;
-// bf16 P has f32's exponent range: any window below ~2^-120 is safe; delta = 0.
-template <>
-struct ShiftCfg<__nv_bfloat16> {
-  static constexpr float kDelta = 0.f;
-  static constexpr float kMaxBound = 40.f;  // 2*40*log2e = 115 < 126
-};
-// f16 P: max e^10.5 = 36316 < 65504; min e^(10.5 - 2*bound) >= e^-9.5 > 2^-14 (smallest normal).
-template <>
-struct ShiftCfg<__half> {
-  static constexpr float kDelta = 10.5f;
-  static constexpr float kMaxBound = 10.f;
-};
 
 template <int D_, int NW_, int MT_, int BC_, bool QSMEM_, int MINB_, typename T_>
 struct FwdTraits {

@@ -45,6 +45,14 @@ DISABLED = os.environ.get("JCA_DISABLE_CUDA", "0") == "1"
 AVAILABLE = _C is not None and not DISABLED
 if _C is not None and DISABLED:
     IMPORT_ERROR = "CUDA kernels disabled by JCA_DISABLE_CUDA=1"
+# Whether the sm_90a (TMA + wgmma) forward kernels are in this build. They run on sm_90 devices
+# for head dims 64 and 128 without a bias or dense mask; JCA_SM90=0 (read when a call is traced)
+# keeps every forward on the portable sm_80 kernel.
+SM90_BUILT = bool(getattr(_C, "sm90_built", False))
+
+
+def sm90_enabled():
+    return os.environ.get("JCA_SM90", "1") != "0"
 
 
 def bwd_workspace_bytes(B, N, T):
@@ -122,14 +130,16 @@ def _opts(q, bias, mask, q_len, kv_len):
 
 
 def fwd(q, k, v, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
-        deterministic=False):
+        deterministic=False, sm90=None):
+    """sm90: may the sm_90a kernel run (None: unless JCA_SM90=0)."""
     del deterministic  # the forward is deterministic
+    sm90 = sm90_enabled() if sm90 is None else bool(sm90)
     B, T, N, _ = q.shape
     out_types = (_result(q, q.shape, q.dtype, (0, 1, 2, 3)),
                  _result(q, (B, N, T), jnp.float32, (0, 2, 1)))
     call = jax.ffi.ffi_call(FWD_TARGET, out_types, vmap_method="sequential")
     o, lse = call(q, k, v, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
-                  causal=bool(causal), groups=int(groups), bounded=bool(bounded))
+                  causal=bool(causal), groups=int(groups), bounded=bool(bounded), sm90=sm90)
     return o, lse
 
 

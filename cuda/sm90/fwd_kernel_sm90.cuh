@@ -1,0 +1,364 @@
+// Hopper (sm_90a) forward kernel: TMA loads into an mbarrier ring, wgmma on both products,
+// warp specialisation. One CTA per (128-row query tile, query head, batch):
+//   warpgroup 0   producer: one thread issues the TMA loads (Q once, then K and V tiles into a
+//                 STAGES-deep ring); the warpgroup gives its registers away (setmaxnreg).
+//   warpgroups 1-2 consumers, 64 query rows each: S = Q K^T as an SS wgmma (both operands in
+//                 smem), softmax in registers, O += P V as an RS wgmma (P from registers).
+// Cosine-sim pipelining: on the fixed-shift path O is never rescaled, so the PV wgmma of tile j
+// stays in flight while the QK^T of tile j+1 is issued and its exponentials are computed; only
+// the P registers and the smem stage wait for it. The running-max path (unbounded inputs or a
+// logit bound too wide for the P dtype) waits for PV before rescaling O.
+// Bias and dense masks are not handled here: the dispatcher sends those to the sm_80 kernel.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "../kernel_common.cuh"
+#include "../softmax_shift.cuh"
+
+namespace jca::sm90 {
+using namespace cute;
+
+template <typename T>
+struct CuteType;
+template <>
+struct CuteType<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteType<__half> {
+  using type = cutlass::half_t;
+};
+
+template <int D_, int BC_, int STAGES_, typename T_>
+struct FwdTraits {
+  using T = T_;
+  using Element = typename CuteType<T>::type;
+  static constexpr int D = D_, BC = BC_, STAGES = STAGES_;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int BR = 64 * kConsumerWGs;
+  static constexpr int kThreads = 128 * (1 + kConsumerWGs);
+  static constexpr int kConsumerWarps = 4 * kConsumerWGs;
+  // setmaxnreg budgets: 40 * 128 + 232 * 256 <= 64K registers per SM
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+
+  using TileQK = Shape<Int<BR>, Int<BC>, Int<D>>;  // (M, N, K)
+  using TilePV = Shape<Int<BR>, Int<D>, Int<BC>>;
+  using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
+  using MmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileQK>(),
+                                        AtomLayout{}));
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  // 128-byte swizzled K-major tiles (rows of 64 elements), as TMA writes them and wgmma reads them.
+  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<BR>, Int<D>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<BC>, Int<D>, Int<STAGES>>{}));
+  // V^T (D x BC per stage) over the same bytes: the B operand of O += P V, MN-major.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{},
+      make_ordered_layout(Shape<Int<D>, Int<BC>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
+
+  // Global tensors as (rows, D, heads, batch) views of [B, rows, heads, D].
+  using GShape = Shape<int32_t, Int<D>, int32_t, int32_t>;
+  using GStride = Stride<int64_t, _1, int64_t, int64_t>;
+  using GTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                       GShape{}, GStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutQ{},
+                                      Shape<Int<BR>, Int<D>>{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, take<0, 2>(SmemLayoutKV{}),
+                                       Shape<Int<BC>, Int<D>>{}, _1{}));
+
+  static constexpr uint32_t kQBytes = BR * D * sizeof(Element);
+  static constexpr uint32_t kKVBytes = BC * D * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(8) uint64_t q_full;
+    uint64_t k_full[STAGES], v_full[STAGES], empty[STAGES];
+  };
+  static constexpr size_t kSmem = sizeof(SharedStorage);
+};
+
+template <class Tr>
+struct KernelArgs {
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmaKV tma_k, tma_v;
+  Params p;
+};
+
+// acc (+)= A * B over the k-blocks of one warpgroup-level product, issued asynchronously and
+// committed as one wgmma group (the caller waits). kRS: A comes from registers.
+template <bool kZeroInit, bool kRS, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
+// layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
+template <class Layout>
+__device__ __forceinline__ auto acc_as_a_operand(Layout acc) {
+  auto l = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0>(l), get<1>(l), get<2, 0>(l)), get<1>(acc),
+                     make_layout(get<2, 1>(l), get<2>(acc)));
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
+  using T = typename Tr::T;
+  using Element = typename Tr::Element;
+  using FullBar = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBar = cutlass::arch::ClusterBarrier;
+  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, STAGES = Tr::STAGES;
+  const Params& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+
+  const int n = blockIdx.y, b = blockIdx.z;
+  const int qtile = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int t0 = qtile * BR;
+  const int kh = n / p.hpk;
+  const RowLimits L = make_limits(p, b);
+  const int cta_last = min(t0 + BR, L.qlen) - 1;
+  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
+  const int ntiles = (kv_end + BC - 1) / BC;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    FullBar::init(&ss.q_full, 1);
+    CUTLASS_PRAGMA_UNROLL
+    for (int s = 0; s < STAGES; ++s) {
+      FullBar::init(&ss.k_full[s], 1);
+      FullBar::init(&ss.v_full[s], 1);
+      EmptyBar::init(&ss.empty[s], Tr::kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutKV{});
+
+  // ------------------------------------------------------------------ producer
+  if (wg == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x / 32 == 0 && cute::elect_one_sync() && ntiles > 0) {
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+      Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BR>, Int<D>>{}, make_coord(qtile, _0{}));
+      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BC>, Int<D>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BC>, Int<D>>{}, make_coord(_, _0{}));
+      auto tq = args.tma_q.get_slice(_0{});
+      auto tk = args.tma_k.get_slice(_0{});
+      auto tv = args.tma_v.get_slice(_0{});
+      Tensor tQg = tq.partition_S(gQ);
+      Tensor tQs = tq.partition_D(sQ);
+      Tensor tKg = tk.partition_S(gK);  // (TMA, TMA_M, TMA_K, tiles)
+      Tensor tKs = tk.partition_D(sK);  // (TMA, TMA_M, TMA_K, STAGES)
+      Tensor tVg = tv.partition_S(gV);
+      Tensor tVs = tv.partition_D(sV);
+
+      FullBar::arrive_and_expect_tx(&ss.q_full, Tr::kQBytes);
+      copy(args.tma_q.with(ss.q_full, 0), tQg, tQs);
+      for (int it = 0; it < ntiles; ++it) {
+        const int st = it % STAGES;
+        if (it >= STAGES) EmptyBar::wait(&ss.empty[st], ((it / STAGES) - 1) & 1);
+        FullBar::arrive_and_expect_tx(&ss.k_full[st], Tr::kKVBytes);
+        copy(args.tma_k.with(ss.k_full[st], 0), tKg(_, _, _, it), tKs(_, _, _, st));
+        FullBar::arrive_and_expect_tx(&ss.v_full[st], Tr::kKVBytes);
+        copy(args.tma_v.with(ss.v_full[st], 0), tVg(_, _, _, it), tVs(_, _, _, st));
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int ctid = threadIdx.x - 128;
+  const int lane = threadIdx.x % 32;
+  typename Tr::MmaQK mma_qk;
+  typename Tr::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(ctid);
+  auto thr_pv = mma_pv.get_thread_slice(ctid);
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, STAGES)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, STAGES)
+  // S accumulators are declared per tile (fresh registers, as FA3): a loop-carried accumulator
+  // read by the softmax makes ptxas serialise the wgmma pipeline.
+  auto new_s = [&]() { return partition_fragment_C(mma_qk, Shape<Int<BR>, Int<BC>>{}); };
+  using STensor = decltype(new_s());
+  STensor tSrP = new_s();  // layout reference only (the softmax works in place on S)
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BR>, Int<D>>{});
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<BR>, Int<BC>>{}));
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<BR>, Int<D>>{}));
+  // Element i of an accumulator sits in row half (i >> 1) & 1 of the thread's two rows.
+  static_assert(decltype(size<0, 0>(tSrP))::value == 2 && decltype(size<0, 1>(tSrP))::value == 2);
+  static_assert(decltype(size<1>(tSrP))::value == 1 && decltype(size<2>(tSrP))::value == 1);
+  static_assert(decltype(size<0, 0>(tOrO))::value == 2 && decltype(size<0, 1>(tOrO))::value == 2);
+
+  int rows[2], lims[2];
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    rows[h] = t0 + get<0>(tScS(2 * h));
+    lims[h] = L(rows[h]);
+  }
+  // Keys below wg_min_lim are valid for every row of this warpgroup (rows beyond qlen: none).
+  const int wg_r0 = t0 + 64 * (wg - 1);
+  const int wg_min_lim = min(L(wg_r0), L(wg_r0 + 63));
+
+  const float sc = p.scale[n];
+  const float c2 = sc * kLog2e;
+  const bool fixed = p.bounded && fabsf(sc) * p.norm_groups <= ShiftCfg<T>::kMaxBound;
+  const float shift2 = fixed ? (ShiftCfg<T>::kDelta - fabsf(sc) * p.norm_groups) * kLog2e : 0.f;
+
+  float lsum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row half][two chains]
+  float mrow[2] = {-INFINITY, -INFINITY};       // running max (log2 units), online path only
+  clear(tOrO);
+
+  auto release = [&](int st) {
+    __syncwarp();
+    if (lane == 0) EmptyBar::arrive(&ss.empty[st]);
+  };
+
+  // Softmax of the S tile with keys s0.. into tSrP (f32). Only reads the S accumulator, so it may
+  // run while the previous PV wgmma is in flight. Online path: returns the factor O must be
+  // rescaled by once that PV has landed.
+  float alpha[2] = {1.f, 1.f};
+  auto softmax = [&](STensor& tSrS, int s0) {
+    const bool check = s0 + BC > wg_min_lim;
+    auto key_ok = [&](int i) { return s0 + get<1>(tScS(i)) < lims[(i >> 1) & 1]; };
+    if (fixed) {
+      auto body = [&](auto chk) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrP); ++i) {
+          float pv = ex2(fmaf(tSrS(i), c2, shift2));
+          if constexpr (decltype(chk)::value) pv = key_ok(i) ? pv : 0.f;
+          tSrS(i) = pv;
+          lsum[(i >> 1) & 1][(i >> 2) & 1] += pv;  // two independent chains per row
+        }
+      };
+      if (check) body(BoolC<true>{});
+      else body(BoolC<false>{});
+      return;
+    }
+    float tmax[2] = {-INFINITY, -INFINITY};
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrP); ++i) {
+      float x = tSrS(i) * c2;
+      if (check && !key_ok(i)) x = -INFINITY;
+      tSrS(i) = x;
+      tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], x);
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const float mnew = fmaxf(mrow[h], quad_max(tmax[h]));
+      // -inf old max: nothing accumulated yet (alpha 0 also clears the zero-initialised O).
+      alpha[h] = (mrow[h] == -INFINITY) ? 0.f : ex2(mrow[h] - mnew);
+      lsum[h][0] *= alpha[h];
+      lsum[h][1] *= alpha[h];
+      mrow[h] = mnew;
+      tmax[h] = (mnew == -INFINITY) ? 0.f : mnew;
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrP); ++i) {
+      const float pv = ex2(tSrS(i) - tmax[(i >> 1) & 1]);  // -inf -> 0
+      tSrS(i) = pv;
+      lsum[(i >> 1) & 1][(i >> 2) & 1] += pv;
+    }
+  };
+  Tensor rP = make_tensor_like<Element>(tSrP);
+  Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+  auto pack_p = [&](STensor const& tSrP) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < size(tSrP) / 2; ++j) dst[j] = MmaOp<T>::pack(tSrP(2 * j), tSrP(2 * j + 1));
+  };
+
+  if (ntiles > 0) {
+    FullBar::wait(&ss.q_full, 0);
+    FullBar::wait(&ss.k_full[0], 0);
+    STensor tSrS = new_s();
+    wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    warpgroup_wait<0>();
+    softmax(tSrS, 0);
+    pack_p(tSrS);
+  }
+  // Per tile (FA3's intra-warpgroup overlap): issue QK^T of the next tile, then PV of this one;
+  // wait for the QK^T only and compute the next softmax while PV runs. The last tile is peeled
+  // so that no wait sits behind a branch (ptxas would serialise the wgmma pipeline).
+  for (int it = 0; it + 1 < ntiles; ++it) {
+    const int st = it % STAGES, st1 = (it + 1) % STAGES;
+    STensor tSrS = new_s();
+    FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
+    wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st1), tSrS);
+    FullBar::wait(&ss.v_full[st], (it / STAGES) & 1);
+    wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+    warpgroup_wait<1>();
+    softmax(tSrS, (it + 1) * BC);
+    warpgroup_wait<0>();
+    release(st);
+    if (!fixed) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i >> 1) & 1];
+    }
+    pack_p(tSrS);
+  }
+  if (ntiles > 0) {
+    const int st = (ntiles - 1) % STAGES;
+    FullBar::wait(&ss.v_full[st], ((ntiles - 1) / STAGES) & 1);
+    wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+    warpgroup_wait<0>();
+    release(st);
+  }
+
+  // ------------------------------------------------------------------ epilogue: O / l, lse
+  float inv[2], l[2];
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    l[h] = quad_sum(lsum[h][0] + lsum[h][1]);
+    inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
+  }
+  const int64_t qrow = int64_t(p.N) * D;
+  T* ob = static_cast<T*>(p.o) + int64_t(b) * p.T * qrow + int64_t(n) * D;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(tOrO); i += 2) {
+    const int h = (i >> 1) & 1;
+    const int t = t0 + get<0>(tOcO(i));
+    if (t < p.T)
+      *reinterpret_cast<uint32_t*>(ob + int64_t(t) * qrow + get<1>(tOcO(i))) =
+          MmaOp<T>::pack(tOrO(i) * inv[h], tOrO(i + 1) * inv[h]);
+  }
+  if (lane % 4 == 0) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      if (rows[h] < p.T) {
+        const float off = fixed ? -shift2 : mrow[h];
+        p.lse[(int64_t(b) * p.N + n) * p.T + rows[h]] =
+            l[h] > 0.f ? (off + log2f(l[h])) * kLn2 : -INFINITY;
+      }
+    }
+  }
+}
+
+}  // namespace jca::sm90

@@ -1,0 +1,44 @@
+// Host side of the sm_90a forward kernel: TMA descriptors over q/k/v, grid, shared memory.
+// Instantiated per (head dim, dtype) in cuda/sm90/inst/*.cu (built for sm_90a only).
+#pragma once
+#include "fwd_kernel_sm90.cuh"
+
+namespace jca::sm90 {
+
+// Tile configuration per head dim: 128 query rows (two consumer warpgroups) x 128 keys;
+// the K/V ring is 2 stages deep at D=128 (160 KiB of smem with Q) and 3 at D=64.
+template <int D, typename T>
+using FwdConfig = FwdTraits<D, 128, (D <= 64 ? 3 : 2), T>;
+
+template <class Tr>
+auto make_gmem(const void* ptr, int rows, int heads, int batch) {
+  using E = typename Tr::Element;
+  constexpr int D = Tr::D;
+  return make_tensor(make_gmem_ptr(static_cast<E const*>(ptr)),
+                     typename Tr::GShape{rows, Int<D>{}, heads, batch},
+                     typename Tr::GStride{int64_t(heads) * D, _1{}, int64_t(D),
+                                          int64_t(rows) * heads * D});
+}
+
+template <int D, typename T>
+cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
+  using Tr = FwdConfig<D, T>;
+  KernelArgs<Tr> args{
+      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.q, p.T, p.N, p.B),
+                    typename Tr::SmemLayoutQ{}, Shape<Int<Tr::BR>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.k, p.S, p.KH, p.B),
+                    take<0, 2>(typename Tr::SmemLayoutKV{}), Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.v, p.S, p.KH, p.B),
+                    take<0, 2>(typename Tr::SmemLayoutKV{}), Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
+      p};
+  auto kernel = fwd_kernel_sm90<Tr>;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(Tr::kSmem));
+      e != cudaSuccess)
+    return e;
+  const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace jca::sm90
