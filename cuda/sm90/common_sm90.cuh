@@ -1,0 +1,59 @@
+// Pieces shared by the sm_90a kernels: CuTe element types, warpgroup GEMM issue, accumulator to
+// A-operand layout, named barriers.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "../kernel_common.cuh"
+
+namespace jca::sm90 {
+using namespace cute;
+
+template <typename T>
+struct CuteType;
+template <>
+struct CuteType<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteType<__half> {
+  using type = cutlass::half_t;
+};
+
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// acc (+)= A * B over the k-blocks of one warpgroup-level product, issued asynchronously and
+// committed as one wgmma group (the caller waits). kRS: A comes from registers.
+template <bool kZeroInit, bool kRS, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
+// layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
+template <class Layout>
+__device__ __forceinline__ auto acc_as_a_operand(Layout acc) {
+  auto l = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0>(l), get<1>(l), get<2, 0>(l)), get<1>(acc),
+                     make_layout(get<2, 1>(l), get<2>(acc)));
+}
+
+}  // namespace jca::sm90
