@@ -6,8 +6,8 @@
 Paths (all include the l2norm of q and k, scale 10):
   cuda        this library, implementation="cuda"
   kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc); on an
-              sm_90 device the forward takes the sm_90a (TMA + wgmma) kernel where it applies
-  kernel_sm80 the same with the portable sm_80 forward kernel forced (A/B against `kernel`)
+              sm_90 device they take the sm_90a (TMA + wgmma) kernels where those apply
+  kernel_sm80 the same with the portable sm_80 kernels forced (A/B against `kernel`)
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
   xla_lib     this library, implementation="xla" (blockwise)
@@ -83,7 +83,8 @@ def make_fn(path, mode, causal):
             o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
                                bounded=True, sm90=path == "kernel")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
-                             groups=1, bounded=True, need_dbias=False, deterministic=False)[:3]
+                             groups=1, bounded=True, need_dbias=False, deterministic=False,
+                             sm90=path == "kernel")[:3]
         return jax.jit(fb)
     fwd = make_fwd(path, causal)
     if mode == "fwd":

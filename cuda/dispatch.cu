@@ -58,10 +58,16 @@ bool UsesSm90Fwd(const Params& p) {
          p.bias == nullptr && p.mask == nullptr;
 }
 
+bool UsesSm90Bwd(const Params& p) {
+  return UsesSm90Fwd(p) && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
+}
+
 #if JCA_HAVE_SM90
 #define JCA_EXTERN_SM90(D)                                                                   \
   extern template cudaError_t sm90::run_fwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
-  extern template cudaError_t sm90::run_fwd<D, __half>(const Params&, cudaStream_t);
+  extern template cudaError_t sm90::run_fwd<D, __half>(const Params&, cudaStream_t);        \
+  extern template cudaError_t sm90::run_bwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
+  extern template cudaError_t sm90::run_bwd<D, __half>(const Params&, cudaStream_t);
 JCA_EXTERN_SM90(64)
 JCA_EXTERN_SM90(128)
 #undef JCA_EXTERN_SM90
@@ -77,6 +83,15 @@ cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) {
 #endif
   JCA_DISPATCH(run_fwd, p, stream);
 }
-cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) { JCA_DISPATCH(run_bwd, p, stream); }
+cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) {
+#if JCA_HAVE_SM90
+  if (UsesSm90Bwd(p)) {
+    const bool bf = p.dtype == DType::kBF16;
+    if (p.D == 64) return bf ? sm90::run_bwd<64, __nv_bfloat16>(p, stream) : sm90::run_bwd<64, __half>(p, stream);
+    return bf ? sm90::run_bwd<128, __nv_bfloat16>(p, stream) : sm90::run_bwd<128, __half>(p, stream);
+  }
+#endif
+  JCA_DISPATCH(run_bwd, p, stream);
+}
 
 }  // namespace jca

@@ -201,8 +201,10 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
                    ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::Result<ffi::AnyBuffer> dq_acc,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> workspace,
-                   bool causal, int64_t groups, bool bounded, bool need_dbias, bool deterministic) {
+                   bool causal, int64_t groups, bool bounded, bool need_dbias, bool deterministic,
+                   bool sm90) {
   jca::Params p;
+  p.allow_sm90 = sm90;
   if (ffi::Error e = FillCommon(p, q, k, v, scale, bias, mask, q_len, kv_len, causal, groups,
                                 bounded, ordinal);
       e.failure())
@@ -308,7 +310,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
                                   .Attr<int64_t>("groups")
                                   .Attr<bool>("bounded")
                                   .Attr<bool>("need_dbias")
-                                  .Attr<bool>("deterministic"),
+                                  .Attr<bool>("deterministic")
+                                  .Attr<bool>("sm90"),  // may take the sm_90a kernel
                               {ffi::Traits::kCmdBufferCompatible});
 
 template <typename Fn>

@@ -45,7 +45,7 @@ struct Params {
   float norm_groups = 1.f;  // the l2norm `groups`
   bool deterministic = false;
   int cc = 0;               // device compute capability, major * 10 + minor
-  bool allow_sm90 = true;   // let the forward take the sm_90a kernel where it applies
+  bool allow_sm90 = true;   // let the kernels take the sm_90a path where it applies
 
   // ---- forward outputs
   void* o = nullptr;        // [B,T,N,H], q dtype
@@ -73,6 +73,9 @@ bool Sm90KernelsBuilt();
 // Whether LaunchFwd takes the sm_90a kernel for these parameters (else the sm_80 kernel): an
 // sm_90 device, head dim 64 or 128, no bias and no dense mask.
 bool UsesSm90Fwd(const Params& p);
+// Whether LaunchBwd takes the sm_90a kernel: as UsesSm90Fwd, and neither dbias nor the
+// deterministic mode is requested (its dQ reductions are unordered).
+bool UsesSm90Bwd(const Params& p);
 // Bytes of XLA-owned scratch the backward needs (delta and log2-lse, f32 [B,N,T] each).
 size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T);
 // Largest dynamic shared memory (bytes) any kernel for head dim d needs.

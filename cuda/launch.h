@@ -12,5 +12,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream);
 namespace sm90 {  // cuda/sm90/inst/*.cu, built only with JCA_HAVE_SM90
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream);
+template <int D, typename T>
+cudaError_t run_bwd(const Params& p, cudaStream_t stream);
 }  // namespace sm90
 }  // namespace jca

@@ -45,9 +45,9 @@ DISABLED = os.environ.get("JCA_DISABLE_CUDA", "0") == "1"
 AVAILABLE = _C is not None and not DISABLED
 if _C is not None and DISABLED:
     IMPORT_ERROR = "CUDA kernels disabled by JCA_DISABLE_CUDA=1"
-# Whether the sm_90a (TMA + wgmma) forward kernels are in this build. They run on sm_90 devices
-# for head dims 64 and 128 without a bias or dense mask; JCA_SM90=0 (read when a call is traced)
-# keeps every forward on the portable sm_80 kernel.
+# Whether the sm_90a (TMA + wgmma) kernels are in this build. They run on sm_90 devices for head
+# dims 64 and 128 without a bias or dense mask (the backward also not in deterministic mode);
+# JCA_SM90=0 (read when a call is traced) keeps every call on the portable sm_80 kernels.
 SM90_BUILT = bool(getattr(_C, "sm90_built", False))
 
 
@@ -144,7 +144,9 @@ def fwd(q, k, v, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
 
 
 def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
-        need_dbias, deterministic):
+        need_dbias, deterministic, sm90=None):
+    """sm90: may the sm_90a kernel run (None: unless JCA_SM90=0)."""
+    sm90 = sm90_enabled() if sm90 is None else bool(sm90)
     B, T, N, _ = q.shape
     need_dbias = bool(need_dbias) and bias is not None
     dbias_type = (_result(bias, bias.shape, jnp.float32, (0, 1, 2, 3)) if need_dbias
@@ -158,5 +160,5 @@ def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups
     dq_acc, dk, dv, dbias, _ = call(
         do, q, k, v, o, lse, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
         causal=bool(causal), groups=int(groups), bounded=bool(bounded),
-        need_dbias=need_dbias, deterministic=bool(deterministic))
+        need_dbias=need_dbias, deterministic=bool(deterministic), sm90=sm90)
     return dq_acc, dk, dv, (dbias if need_dbias else None)

@@ -47,6 +47,19 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
+// A [B, rows, heads, D] global tensor as the (rows, D, heads, batch) view the TMA copies tile.
+template <int D>
+using GShape = Shape<int32_t, Int<D>, int32_t, int32_t>;
+using GStride = Stride<int64_t, _1, int64_t, int64_t>;
+template <class Element, int D>
+auto gmem_rows_view(const void* ptr, int rows, int heads, int batch) {
+  return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                     GShape<D>{rows, Int<D>{}, heads, batch},
+                     GStride{int64_t(heads) * D, _1{}, int64_t(D), int64_t(rows) * heads * D});
+}
+template <class Element, int D>
+using GTensor = decltype(gmem_rows_view<Element, D>(nullptr, 0, 0, 0));
+
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
 // layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
 template <class Layout>

@@ -365,25 +365,32 @@ def test_public_op_cuda_vs_xla(dtype, case):
         assert relerr(a, b) < tol, f"output {i}: relerr {relerr(a, b)}"
 
 
-# ---------------------------------------------------------------- sm_90a forward vs sm_80 forward
+# ---------------------------------------------------------------- sm_90a kernels vs sm_80 kernels
 
-def _fwd_both(q, k, v, sc, **kw):
-    """The forward through the sm_90a kernel (where it applies) and through the sm_80 kernel."""
+def _run_both(q, k, v, sc, do, **kw):
+    """Forward + backward through the sm_90a kernels (where they apply) and the sm_80 kernels."""
     outs = []
     for sm90 in (True, False):
-        f = jax.jit(lambda q, k, v, sc, ql, kl, sm90=sm90: _cuda.fwd(
-            q, k, v, sc, None, None, ql, kl, causal=kw["causal"], groups=kw.get("groups", 1),
-            bounded=kw.get("bounded", True), sm90=sm90))
-        outs.append(f(q, k, v, jnp.asarray(sc, jnp.float32), kw.get("q_len"), kw.get("kv_len")))
+        def f(q, k, v, sc, ql, kl, do, sm90=sm90):
+            opts = dict(causal=kw["causal"], groups=kw.get("groups", 1),
+                        bounded=kw.get("bounded", True), sm90=sm90)
+            o, lse = _cuda.fwd(q, k, v, sc, None, None, ql, kl, **opts)
+            g = _cuda.bwd(do, q, k, v, o, lse, sc, None, None, ql, kl, need_dbias=False,
+                          deterministic=False, **opts)
+            return (o, lse) + tuple(g)
+        outs.append(jax.jit(f)(q, k, v, jnp.asarray(sc, jnp.float32), kw.get("q_len"),
+                               kw.get("kv_len"), do))
     return outs
 
 
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("case", ["gqa-causal-lengths", "long-ring", "unbounded", "wide-bound"])
-def test_sm90_forward(H, dtype, case):
-    """Both forward kernels against the oracle: causal with T != S, sequence lengths with empty
-    rows and batches, GQA, more key tiles than ring stages, and the running-max path."""
+def test_sm90_paths(H, dtype, case):
+    """Both kernel families, forward and backward, against the oracle: causal with T != S,
+    sequence lengths with empty rows and batches, GQA with per-head scales, more tiles than ring
+    stages, and the running-max path. (The two families' outputs are often bit-identical: both
+    sum in 16-element steps in the same order; bench.py's kernel vs kernel_sm80 shows which ran.)"""
     rng = np.random.default_rng()
     kw = dict(causal=False)
     sc = None
@@ -406,13 +413,12 @@ def test_sm90_forward(H, dtype, case):
         sc = np.array([60.0, -25.0], np.float32)
     if sc is None:
         sc = rng.uniform(5.0, 12.0, N).astype(np.float32)
+    do = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
     ql = None if kw.get("q_len") is None else np.asarray(kw["q_len"])
     kl = None if kw.get("kv_len") is None else np.asarray(kw["kv_len"])
-    ref = oracle(q, k, v, sc, q_len=ql, kv_len=kl, causal=kw["causal"])
-    (o90, l90), (o80, l80) = _fwd_both(q, k, v, sc, **kw)
-    for o, lse in ((o90, l90), (o80, l80)):
-        check_all((o, lse), ref, dtype, with_grads=False)
+    ref = oracle(q, k, v, sc, q_len=ql, kv_len=kl, causal=kw["causal"], do=do)
+    for res in _run_both(q, k, v, sc, do, **kw):
+        check_all(res[:5] + (None,), ref, dtype)
         empty = np.isneginf(ref[1])
-        assert np.all(np.asarray(o, np.float32).transpose(0, 2, 1, 3)[empty] == 0)
-    # (Outputs of the two kernels are often bit-identical: both sum P V in 16-key steps in the
-    # same order. Which kernel ran shows in benchmarks/bench.py's kernel vs kernel_sm80 A/B.)
+        assert np.all(np.asarray(res[0], np.float32).transpose(0, 2, 1, 3)[empty] == 0)
+        assert np.all(np.asarray(res[2]).transpose(0, 2, 1, 3)[empty] == 0)

@@ -1,0 +1,298 @@
+// Hopper (sm_90a) backward kernel (FA3's structure, simplified). One CTA per (128-key tile,
+// kv head, batch) loops over the query heads of its GQA group and their 64-row query tiles;
+// dK and dV stay in registers, dQ goes out by f32 reductions into the zeroed dq_acc.
+//   warpgroup 0    producer warp: TMA of K and V once, then Q and dO tiles into a 2-stage ring;
+//                  its lanes stage the tile's lse2 and delta rows next to them in smem.
+//   warpgroups 1-2 64 keys each. Per query tile:
+//                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
+//                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
+//                  P and dS from registers); dS (unscaled) goes to smem for dQ = dS K, which the
+//                  two warpgroups split along the head dim (SS wgmma), then red.add.v2.f32.
+// Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
+// dense mask, not deterministic (dQ reductions are unordered). Lengths, causal with T != S, GQA
+// and rows without keys (lse = -inf -> lse2 = +inf -> P = 0) are handled.
+#pragma once
+#include "common_sm90.cuh"
+
+namespace jca::sm90 {
+
+template <int D_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  using Element = typename CuteType<T>::type;
+  static constexpr int D = D_;
+  static constexpr int BN = 128;  // keys per CTA: two consumer warpgroups x 64
+  static constexpr int BM = 64;   // query rows per step
+  static constexpr int STAGES = 2;
+  static constexpr int kThreads = 128 * 3;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24*128 + 240*256 <= 64K
+
+  using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
+  using SplitN = Layout<Shape<_1, _2, _1>>;  // dQ: warpgroups own half of the head dim
+  // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
+  // dV += P^T dO, dK += dS^T Q: (keys, D, queries), A from registers, B = dO / Q MN-major.
+  using MmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      SplitM{}));
+  // dQ = dS K: (queries, D/2 per warpgroup, keys), dS and K MN-major in smem.
+  using MmaQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D / 2>, Int<BN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      SplitN{}));
+
+  using AtomK = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutKV = decltype(tile_to_shape(AtomK{}, Shape<Int<BN>, Int<D>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
+  using SmemLayoutQ = decltype(tile_to_shape(AtomK{}, Shape<Int<BM>, Int<D>, Int<STAGES>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{},
+      make_ordered_layout(Shape<Int<D>, Int<BM>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
+  // dS (queries x keys, queries contiguous: written from the dS^T accumulator), double-buffered.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<BM>, Int<BN>, _2>{}));
+
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{},
+                                      take<0, 2>(SmemLayoutQ{}), Shape<Int<BM>, Int<D>>{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{}, SmemLayoutKV{},
+                                       Shape<Int<BN>, Int<D>>{}, _1{}));
+
+  static constexpr uint32_t kQBytes = BM * D * sizeof(Element);
+  static constexpr uint32_t kKVBytes = BN * D * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    float lse2[STAGES][BM], delta[STAGES][BM];
+    alignas(8) uint64_t kv_full;
+    uint64_t q_full[STAGES], q_empty[STAGES];
+  };
+  static constexpr size_t kSmem = sizeof(SharedStorage);
+};
+
+template <class Tr>
+struct BwdArgs {
+  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaKV tma_k, tma_v;
+  Params p;
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    bwd_kernel_sm90(CUTE_GRID_CONSTANT const BwdArgs<Tr> args) {
+  using T = typename Tr::T;
+  using Element = typename Tr::Element;
+  using FullBar = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBar = cutlass::arch::ClusterBarrier;
+  constexpr int D = Tr::D, BN = Tr::BN, BM = Tr::BM, STAGES = Tr::STAGES;
+  const Params& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+
+  const int kh = blockIdx.y, b = blockIdx.z;
+  const int s0 = blockIdx.x * BN;
+  const RowLimits L = make_limits(p, b);
+  // Query tiles that can see a key of this tile (causal: from the first row reaching s0).
+  const bool any_key = s0 < L.kvlen;
+  const int m_begin = any_key ? L.first_row(s0) / BM : 0;
+  const int m_end = any_key ? (L.qlen + BM - 1) / BM : 0;
+  const int mtiles = max(0, m_end - m_begin);
+  const int steps = p.hpk * mtiles;
+  const int wg = threadIdx.x / 128;
+  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
+  const float* delta_g = static_cast<const float*>(p.workspace);
+  const float* lse2_g = delta_g + rows_total;
+
+  if (threadIdx.x == 0) {
+    FullBar::init(&ss.kv_full, 1);
+    CUTLASS_PRAGMA_UNROLL
+    for (int s = 0; s < STAGES; ++s) {
+      FullBar::init(&ss.q_full[s], 1);
+      EmptyBar::init(&ss.q_empty[s], Tr::kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutKV{});
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
+
+  // ------------------------------------------------------------------ producer warp
+  if (wg == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x / 32 != 0 || steps == 0) return;
+    const int lane = threadIdx.x % 32;
+    const bool leader = lane == 0;
+    Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+    Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+    Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+    Tensor mV = args.tma_v.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+    auto tq = args.tma_q.get_slice(_0{});
+    auto tdo = args.tma_do.get_slice(_0{});
+    if (leader) {
+      auto tk = args.tma_k.get_slice(_0{});
+      auto tv = args.tma_v.get_slice(_0{});
+      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, make_coord(blockIdx.x, _0{}));
+      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, make_coord(blockIdx.x, _0{}));
+      FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
+      copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
+      copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
+    }
+    Tensor tQs = tq.partition_D(sQ);    // (TMA, TMA_M, TMA_K, STAGES)
+    Tensor tdOs = tdo.partition_D(sdO);
+    for (int step = 0; step < steps; ++step) {
+      const int st = step % STAGES;
+      const int n = kh * p.hpk + step / mtiles;
+      const int m = m_begin + step % mtiles;
+      if (step >= STAGES) EmptyBar::wait(&ss.q_empty[st], ((step / STAGES) - 1) & 1);
+      // lse2 / delta of the tile's rows (rows past T: lse2 = +inf -> P = 0)
+      const int64_t row0 = (int64_t(b) * p.N + n) * p.T;
+      for (int r = lane; r < BM; r += 32) {
+        const int t = m * BM + r;
+        ss.lse2[st][r] = t < p.T ? lse2_g[row0 + t] : INFINITY;
+        ss.delta[st][r] = t < p.T ? delta_g[row0 + t] : 0.f;
+      }
+      __syncwarp();  // the leader's arrive below releases the whole warp's stores
+      if (leader) {
+        Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
+        Tensor gdO = local_tile(mdO(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
+        FullBar::arrive_and_expect_tx(&ss.q_full[st], 2 * Tr::kQBytes);
+        copy(args.tma_q.with(ss.q_full[st], 0), tq.partition_S(gQ), tQs(_, _, _, st));
+        copy(args.tma_do.with(ss.q_full[st], 0), tdo.partition_S(gdO), tdOs(_, _, _, st));
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int ctid = threadIdx.x - 128;
+  const int lane = threadIdx.x % 32;
+  typename Tr::MmaSdP mma_sdp;
+  typename Tr::MmaKV mma_kv;
+  typename Tr::MmaQ mma_q;
+  auto thr_sdp = mma_sdp.get_thread_slice(ctid);
+  auto thr_kv = mma_kv.get_thread_slice(ctid);
+  auto thr_q = mma_q.get_thread_slice(ctid);
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdS{});
+
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
+  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);
+  Tensor tQrdS = thr_q.partition_fragment_A(sdS);     // (MMA, M, K, 2)
+  Tensor tQrKt = thr_q.partition_fragment_B(sKt);
+  Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
+  Tensor tdKrdK = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BN>, Int<BM>>{}));
+  Tensor tdQcdQ = thr_q.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor tKVc = thr_kv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+  auto new_s = [&]() { return partition_fragment_C(mma_sdp, Shape<Int<BN>, Int<BM>>{}); };
+  using STensor = decltype(new_s());
+  static_assert(decltype(size<0, 0>(STensor{}))::value == 2 &&
+                decltype(size<0, 1>(STensor{}))::value == 2);
+  clear(tdVrdV);
+  clear(tdKrdK);
+
+  // Keys of this warpgroup: s0 + 64 * (wg - 1) + [0, 64); this thread's two key rows.
+  const int wg_key0 = s0 + 64 * (wg - 1);
+  int keys[2];
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) keys[h] = s0 + get<0>(tScS(2 * h));
+
+  Tensor rP = make_tensor_like<Element>(new_s());
+  Tensor rdS = make_tensor_like<Element>(new_s());
+  Tensor tKVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+  Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+
+  if (steps > 0) FullBar::wait(&ss.kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int st = step % STAGES, buf = step & 1;
+    const int n = kh * p.hpk + step / mtiles;
+    const int t0 = (m_begin + step % mtiles) * BM;
+    const float sc = p.scale[n];
+    const float c2 = sc * kLog2e;
+    // Every (key, query) of this warpgroup's block is valid unless the block crosses a row limit.
+    const bool check = wg_key0 + 64 > min(L(t0), L(t0 + BM - 1));
+
+    FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
+    STensor tSrS = new_s();
+    STensor tSrdP = new_s();
+    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
+    warpgroup_wait<0>();
+
+    {
+      uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
+      uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+      auto body = [&](auto chk) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); i += 2) {
+          float pv[2], dsv[2];
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int q = get<1>(tScS(i + e));
+            float x = ex2(fmaf(tSrS(i + e), c2, -ss.lse2[st][q]));
+            if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
+            pv[e] = x;
+            dsv[e] = x * (tSrdP(i + e) - ss.delta[st][q]);
+            sdS(q, get<0>(tScS(i + e)), buf) = Element(dsv[e]);
+          }
+          dp_[i / 2] = MmaOp<T>::pack(pv[0], pv[1]);
+          dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
+        }
+      };
+      if (check) body(BoolC<true>{});
+      else body(BoolC<false>{});
+    }
+    cutlass::arch::fence_view_async_shared();  // dS stores -> visible to wgmma (async proxy)
+
+    wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+    wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
+    named_bar_sync(8, 256);  // both warpgroups' halves of dS are in smem
+    Tensor tdQrdQ = partition_fragment_C(mma_q, Shape<Int<BM>, Int<D>>{});
+    wg_gemm<true, false>(mma_q, tQrdS(_, _, _, buf), tQrKt, tdQrdQ);
+    warpgroup_wait<0>();
+    __syncwarp();
+    if (lane == 0) EmptyBar::arrive(&ss.q_empty[st]);
+
+    float* dq = p.dq_acc + (int64_t(b) * p.T * p.N + n) * D;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdQrdQ); i += 2) {
+      const int t = t0 + get<0>(tdQcdQ(i));
+      if (t < p.T)
+        red_add2(dq + int64_t(t) * p.N * D + get<1>(tdQcdQ(i)), tdQrdQ(i), tdQrdQ(i + 1));
+    }
+  }
+
+  // ------------------------------------------------------------------ epilogue: dK, dV
+  const int64_t krow = int64_t(p.KH) * D;
+  T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(tdKrdK); i += 2) {
+    const int s = s0 + get<0>(tKVc(i));
+    if (s < p.S) {
+      const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
+      *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
+      *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
+    }
+  }
+}
+
+}  // namespace jca::sm90
