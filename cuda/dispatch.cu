@@ -59,7 +59,7 @@ bool UsesSm90Fwd(const Params& p) {
 }
 
 bool UsesSm90Bwd(const Params& p) {
-  return UsesSm90Fwd(p) && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
+  return UsesSm90Fwd(p) && p.dbias_mode == DBiasMode::kNone;
 }
 
 #if JCA_HAVE_SM90

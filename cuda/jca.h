@@ -73,8 +73,8 @@ bool Sm90KernelsBuilt();
 // Whether LaunchFwd takes the sm_90a kernel for these parameters (else the sm_80 kernel): an
 // sm_90 device, head dim 64 or 128, no bias and no dense mask.
 bool UsesSm90Fwd(const Params& p);
-// Whether LaunchBwd takes the sm_90a kernel: as UsesSm90Fwd, and neither dbias nor the
-// deterministic mode is requested (its dQ reductions are unordered).
+// Whether LaunchBwd takes the sm_90a kernels (deterministic: dQ and dK/dV kernels without
+// atomics): as UsesSm90Fwd, and no dbias requested.
 bool UsesSm90Bwd(const Params& p);
 // Bytes of XLA-owned scratch the backward needs (delta and log2-lse, f32 [B,N,T] each).
 size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T);

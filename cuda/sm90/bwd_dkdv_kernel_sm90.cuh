@@ -1,23 +1,23 @@
-// Hopper (sm_90a) backward kernel (FA3's structure, simplified). One CTA per (128-key tile,
-// kv head, batch) loops over the query heads of its GQA group and their 64-row query tiles;
-// dK and dV stay in registers, dQ goes out by f32 reductions into the zeroed dq_acc.
+// Hopper (sm_90a) dK/dV kernel of the backward. One CTA per (128-key tile, kv head, batch) loops
+// over the query heads of its GQA group and their 64-row query tiles; dK and dV stay in
+// registers and are stored once (dQ is the separate, forward-shaped kernel of
+// bwd_dq_kernel_sm90.cuh: no atomics anywhere, so the backward is deterministic).
 //   warpgroup 0    producer warp: TMA of K and V once, then Q and dO tiles into a 2-stage ring;
 //                  its lanes stage the tile's lse2 and delta rows next to them in smem.
-//   warpgroups 1-2 64 keys each. Per query tile:
+//   warpgroups 1-2 64 keys each, independent of each other. Per query tile:
 //                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
 //                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
-//                  P and dS from registers); dS (unscaled) goes to smem for dQ = dS K, which the
-//                  two warpgroups split along the head dim (SS wgmma), then red.add.v2.f32.
+//                  P and dS from registers).
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
-// dense mask, not deterministic (dQ reductions are unordered). Lengths, causal with T != S, GQA
-// and rows without keys (lse = -inf -> lse2 = +inf -> P = 0) are handled.
+// dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
+// -> P = 0) are handled.
 #pragma once
 #include "common_sm90.cuh"
 
 namespace jca::sm90 {
 
 template <int D_, typename T_>
-struct BwdTraits {
+struct BwdDkvTraits {
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -29,7 +29,6 @@ struct BwdTraits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24*128 + 240*256 <= 64K
 
   using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
-  using SplitN = Layout<Shape<_1, _2, _1>>;  // dQ: warpgroups own half of the head dim
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
   using MmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
@@ -38,23 +37,13 @@ struct BwdTraits {
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       SplitM{}));
-  // dQ = dS K: (queries, D/2 per warpgroup, keys), dS and K MN-major in smem.
-  using MmaQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D / 2>, Int<BN>>,
-                           GMMA::Major::MN, GMMA::Major::MN>(),
-      SplitN{}));
 
   using AtomK = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutKV = decltype(tile_to_shape(AtomK{}, Shape<Int<BN>, Int<D>>{}));
-  using SmemLayoutKt = decltype(composition(
-      SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
   using SmemLayoutQ = decltype(tile_to_shape(AtomK{}, Shape<Int<BM>, Int<D>, Int<STAGES>>{}));
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{},
       make_ordered_layout(Shape<Int<D>, Int<BM>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
-  // dS (queries x keys, queries contiguous: written from the dS^T accumulator), double-buffered.
-  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<BM>, Int<BN>, _2>{}));
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{},
                                       take<0, 2>(SmemLayoutQ{}), Shape<Int<BM>, Int<D>>{}, _1{}));
@@ -69,7 +58,6 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     float lse2[STAGES][BM], delta[STAGES][BM];
     alignas(8) uint64_t kv_full;
     uint64_t q_full[STAGES], q_empty[STAGES];
@@ -78,7 +66,7 @@ struct BwdTraits {
 };
 
 template <class Tr>
-struct BwdArgs {
+struct BwdDkvArgs {
   typename Tr::TmaQ tma_q, tma_do;
   typename Tr::TmaKV tma_k, tma_v;
   Params p;
@@ -86,7 +74,7 @@ struct BwdArgs {
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-    bwd_kernel_sm90(CUTE_GRID_CONSTANT const BwdArgs<Tr> args) {
+    bwd_dkdv_kernel_sm90(CUTE_GRID_CONSTANT const BwdDkvArgs<Tr> args) {
   using T = typename Tr::T;
   using Element = typename Tr::Element;
   using FullBar = cutlass::arch::ClusterTransactionBarrier;
@@ -180,14 +168,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int lane = threadIdx.x % 32;
   typename Tr::MmaSdP mma_sdp;
   typename Tr::MmaKV mma_kv;
-  typename Tr::MmaQ mma_q;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_kv = mma_kv.get_thread_slice(ctid);
-  auto thr_q = mma_q.get_thread_slice(ctid);
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
-  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdS{});
 
   Tensor tSrK = thr_sdp.partition_fragment_A(sK);
   Tensor tSrV = thr_sdp.partition_fragment_A(sV);
@@ -195,12 +179,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
   Tensor tVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
   Tensor tKrQt = thr_kv.partition_fragment_B(sQt);
-  Tensor tQrdS = thr_q.partition_fragment_A(sdS);     // (MMA, M, K, 2)
-  Tensor tQrKt = thr_q.partition_fragment_B(sKt);
   Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
   Tensor tdKrdK = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BN>, Int<BM>>{}));
-  Tensor tdQcdQ = thr_q.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
   Tensor tKVc = thr_kv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
   auto new_s = [&]() { return partition_fragment_C(mma_sdp, Shape<Int<BN>, Int<BM>>{}); };
   using STensor = decltype(new_s());
@@ -222,7 +203,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
-    const int st = step % STAGES, buf = step & 1;
+    const int st = step % STAGES;
     const int n = kh * p.hpk + step / mtiles;
     const int t0 = (m_begin + step % mtiles) * BM;
     const float sc = p.scale[n];
@@ -251,7 +232,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
             pv[e] = x;
             dsv[e] = x * (tSrdP(i + e) - ss.delta[st][q]);
-            sdS(q, get<0>(tScS(i + e)), buf) = Element(dsv[e]);
           }
           dp_[i / 2] = MmaOp<T>::pack(pv[0], pv[1]);
           dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
@@ -260,24 +240,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if (check) body(BoolC<true>{});
       else body(BoolC<false>{});
     }
-    cutlass::arch::fence_view_async_shared();  // dS stores -> visible to wgmma (async proxy)
-
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-    named_bar_sync(8, 256);  // both warpgroups' halves of dS are in smem
-    Tensor tdQrdQ = partition_fragment_C(mma_q, Shape<Int<BM>, Int<D>>{});
-    wg_gemm<true, false>(mma_q, tQrdS(_, _, _, buf), tQrKt, tdQrdQ);
     warpgroup_wait<0>();
     __syncwarp();
     if (lane == 0) EmptyBar::arrive(&ss.q_empty[st]);
-
-    float* dq = p.dq_acc + (int64_t(b) * p.T * p.N + n) * D;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdQrdQ); i += 2) {
-      const int t = t0 + get<0>(tdQcdQ(i));
-      if (t < p.T)
-        red_add2(dq + int64_t(t) * p.N * D + get<1>(tdQcdQ(i)), tdQrdQ(i), tdQrdQ(i + 1));
-    }
   }
 
   // ------------------------------------------------------------------ epilogue: dK, dV

@@ -1,0 +1,263 @@
+// Hopper (sm_90a) dQ kernel of the backward. Shaped like the forward: one CTA per (128-row query
+// tile, query head, batch) loops over 64-key tiles, so dq_acc is written once with plain stores
+// (no reductions: deterministic, and no atomic traffic):
+//   warpgroup 0    producer: TMA of Q and dO once, K and V tiles into STAGES-deep rings.
+//   warpgroups 1-2 64 query rows each: S = Q K^T and dP = dO V^T (SS wgmma),
+//                  dS = 2^(S c - lse2) (dP - delta), dQ += dS K (RS wgmma, dS from registers).
+// As in the forward, the products of tile j+1 are issued before dQ(j), whose wait is deferred
+// until the elementwise work of tile j+1 is done, and the two warpgroups take turns issuing.
+#pragma once
+#include "common_sm90.cuh"
+
+namespace jca::sm90 {
+
+template <int D_, typename T_>
+struct BwdDqTraits {
+  using T = T_;
+  using Element = typename CuteType<T>::type;
+  static constexpr int D = D_;
+  static constexpr int BR = 128, BC = 64, STAGES = 3;
+  static constexpr int kThreads = 128 * 3;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+
+  using SplitM = Layout<Shape<_2, _1, _1>>;
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BR>, Int<BC>, Int<D>>>(), SplitM{}));
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<BR>, Int<D>, Int<BC>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      SplitM{}));
+
+  using AtomK = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(AtomK{}, Shape<Int<BR>, Int<D>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(AtomK{}, Shape<Int<BC>, Int<D>, Int<STAGES>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{},
+      make_ordered_layout(Shape<Int<D>, Int<BC>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
+
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{}, SmemLayoutQ{},
+                                      Shape<Int<BR>, Int<D>>{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{},
+                                       take<0, 2>(SmemLayoutKV{}), Shape<Int<BC>, Int<D>>{}, _1{}));
+
+  static constexpr uint32_t kQBytes = BR * D * sizeof(Element);
+  static constexpr uint32_t kKVBytes = BC * D * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(8) uint64_t q_full;
+    uint64_t k_full[STAGES], v_full[STAGES], empty[STAGES];
+  };
+  static constexpr size_t kSmem = sizeof(SharedStorage);
+};
+
+template <class Tr>
+struct BwdDqArgs {
+  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaKV tma_k, tma_v;
+  Params p;
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    bwd_dq_kernel_sm90(CUTE_GRID_CONSTANT const BwdDqArgs<Tr> args) {
+  using T = typename Tr::T;
+  using Element = typename Tr::Element;
+  using FullBar = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBar = cutlass::arch::ClusterBarrier;
+  constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, STAGES = Tr::STAGES;
+  const Params& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+
+  const int n = blockIdx.y, b = blockIdx.z;
+  const int qtile = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int t0 = qtile * BR;
+  const int kh = n / p.hpk;
+  const RowLimits L = make_limits(p, b);
+  const int cta_last = min(t0 + BR, L.qlen) - 1;
+  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
+  const int ntiles = (kv_end + BC - 1) / BC;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    FullBar::init(&ss.q_full, 1);
+    CUTLASS_PRAGMA_UNROLL
+    for (int s = 0; s < STAGES; ++s) {
+      FullBar::init(&ss.k_full[s], 1);
+      FullBar::init(&ss.v_full[s], 1);
+      EmptyBar::init(&ss.empty[s], Tr::kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutKV{});
+
+  // ------------------------------------------------------------------ producer
+  if (wg == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x / 32 == 0 && cute::elect_one_sync() && ntiles > 0) {
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+      Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BR>, Int<D>>{}, make_coord(qtile, _0{}));
+      Tensor gdO = local_tile(mdO(_, _, n, b), Shape<Int<BR>, Int<D>>{}, make_coord(qtile, _0{}));
+      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BC>, Int<D>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BC>, Int<D>>{}, make_coord(_, _0{}));
+      auto tq = args.tma_q.get_slice(_0{});
+      auto tdo = args.tma_do.get_slice(_0{});
+      auto tk = args.tma_k.get_slice(_0{});
+      auto tv = args.tma_v.get_slice(_0{});
+      Tensor tKg = tk.partition_S(gK);  // (TMA, TMA_M, TMA_K, tiles)
+      Tensor tKs = tk.partition_D(sK);  // (TMA, TMA_M, TMA_K, STAGES)
+      Tensor tVg = tv.partition_S(gV);
+      Tensor tVs = tv.partition_D(sV);
+      FullBar::arrive_and_expect_tx(&ss.q_full, 2 * Tr::kQBytes);
+      copy(args.tma_q.with(ss.q_full, 0), tq.partition_S(gQ), tq.partition_D(sQ));
+      copy(args.tma_do.with(ss.q_full, 0), tdo.partition_S(gdO), tdo.partition_D(sdO));
+      for (int it = 0; it < ntiles; ++it) {
+        const int st = it % STAGES;
+        if (it >= STAGES) EmptyBar::wait(&ss.empty[st], ((it / STAGES) - 1) & 1);
+        FullBar::arrive_and_expect_tx(&ss.k_full[st], Tr::kKVBytes);
+        copy(args.tma_k.with(ss.k_full[st], 0), tKg(_, _, _, it), tKs(_, _, _, st));
+        FullBar::arrive_and_expect_tx(&ss.v_full[st], Tr::kKVBytes);
+        copy(args.tma_v.with(ss.v_full[st], 0), tVg(_, _, _, it), tVs(_, _, _, st));
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int ctid = threadIdx.x - 128;
+  const int lane = threadIdx.x % 32;
+  typename Tr::MmaSdP mma_sdp;
+  typename Tr::MmaDq mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(ctid);
+  auto thr_dq = mma_dq.get_thread_slice(ctid);
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);
+  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);   // (MMA, N, K, STAGES)
+  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
+  Tensor tQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, N, K, STAGES)
+  Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BR>, Int<D>>{});
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BR>, Int<BC>>{}));
+  Tensor tdQc = thr_dq.partition_C(make_identity_tensor(Shape<Int<BR>, Int<D>>{}));
+  auto new_s = [&]() { return partition_fragment_C(mma_sdp, Shape<Int<BR>, Int<BC>>{}); };
+  using STensor = decltype(new_s());
+  static_assert(decltype(size<0, 0>(STensor{}))::value == 2 &&
+                decltype(size<0, 1>(STensor{}))::value == 2);
+
+  int rows[2], lims[2];
+  float lse2[2], delta[2];
+  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
+  const float* delta_g = static_cast<const float*>(p.workspace);
+  const float* lse2_g = delta_g + rows_total;
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    rows[h] = t0 + get<0>(tScS(2 * h));
+    lims[h] = L(rows[h]);
+    const int64_t ri = (int64_t(b) * p.N + n) * p.T + min(rows[h], p.T - 1);
+    lse2[h] = rows[h] < p.T ? lse2_g[ri] : INFINITY;  // +inf -> P = 0
+    delta[h] = rows[h] < p.T ? delta_g[ri] : 0.f;
+  }
+  const int wg_r0 = t0 + 64 * (wg - 1);
+  const int wg_min_lim = min(L(wg_r0), L(wg_r0 + 63));
+  const float c2 = p.scale[n] * kLog2e;
+
+  const int my_turn = 8 + (wg - 1), other_turn = 8 + (2 - wg);
+  auto turn_wait = [&]() { named_bar_sync(my_turn, 256); };
+  auto turn_pass = [&]() { named_bar_arrive(other_turn, 256); };
+  if (wg == 2 && ntiles > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
+  auto release = [&](int st) {
+    __syncwarp();
+    if (lane == 0) EmptyBar::arrive(&ss.empty[st]);
+  };
+
+  // dS of key tile s0.. in place of the dP accumulator (reads S and dP only).
+  auto make_ds = [&](STensor const& tSrS, STensor& tSrdP, int s0) {
+    auto body = [&](auto chk) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) {
+        const int h = (i >> 1) & 1;
+        float pv = ex2(fmaf(tSrS(i), c2, -lse2[h]));
+        if constexpr (decltype(chk)::value) pv = s0 + get<1>(tScS(i)) < lims[h] ? pv : 0.f;
+        tSrdP(i) = pv * (tSrdP(i) - delta[h]);
+      }
+    };
+    if (s0 + BC > wg_min_lim) body(BoolC<true>{});
+    else body(BoolC<false>{});
+  };
+  Tensor rdS = make_tensor_like<Element>(new_s());
+  Tensor tQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+  auto pack_ds = [&](STensor const& ds) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < size(ds) / 2; ++j) dst[j] = MmaOp<T>::pack(ds(2 * j), ds(2 * j + 1));
+  };
+  clear(tdQrdQ);
+
+  if (ntiles > 0) {
+    FullBar::wait(&ss.q_full, 0);
+    FullBar::wait(&ss.k_full[0], 0);
+    FullBar::wait(&ss.v_full[0], 0);
+    STensor tSrS = new_s();
+    STensor tSrdP = new_s();
+    turn_wait();
+    wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, 0), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, 0), tSrdP);
+    turn_pass();
+    warpgroup_wait<0>();
+    make_ds(tSrS, tSrdP, 0);
+    pack_ds(tSrdP);
+  }
+  // Issue S, dP of tile j+1 and dQ(j); wait for S, dP only; dS(j+1) runs under dQ(j).
+  for (int it = 0; it + 1 < ntiles; ++it) {
+    const int st = it % STAGES, st1 = (it + 1) % STAGES;
+    STensor tSrS = new_s();
+    STensor tSrdP = new_s();
+    FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
+    FullBar::wait(&ss.v_full[st1], ((it + 1) / STAGES) & 1);
+    turn_wait();
+    wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, st1), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, st1), tSrdP);
+    wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
+    turn_pass();
+    warpgroup_wait<1>();
+    make_ds(tSrS, tSrdP, (it + 1) * BC);
+    warpgroup_wait<0>();
+    release(st);
+    pack_ds(tSrdP);
+  }
+  if (ntiles > 0) {
+    const int st = (ntiles - 1) % STAGES;
+    turn_wait();
+    wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
+    if (wg == 1) turn_pass();  // warpgroup 2's last turn is the last: nobody waits for it
+    warpgroup_wait<0>();
+    release(st);
+  }
+
+  // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).
+  float* dq = p.dq_acc + (int64_t(b) * p.T * p.N + n) * D;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(tdQrdQ); i += 2) {
+    const int t = t0 + get<0>(tdQc(i));
+    if (t < p.T)
+      *reinterpret_cast<float2*>(dq + int64_t(t) * p.N * D + get<1>(tdQc(i))) =
+          make_float2(tdQrdQ(i), tdQrdQ(i + 1));
+  }
+}
+
+}  // namespace jca::sm90
