@@ -10,6 +10,8 @@ Paths (all include the l2norm of q and k, scale 10):
   kernel_sm80 the same with the portable sm_80 kernels forced (A/B against `kernel`)
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
+  pallas_mgpu jax.experimental.pallas.ops.gpu.attention_mgpu (Hopper Mosaic GPU kernel) on
+              l2norm(q)*scale, l2norm(k) in float16 (it runs f16; no causal backward)
   xla_lib     this library, implementation="xla" (blockwise)
 FLOPs (FlashAttention convention): fwd = 4*B*H*T*S*D (halved when causal), bwd = 2.5 fwd,
 fwd+bwd = 3.5 fwd. Times are medians of 5 batches of back-to-back calls (device-synchronised).
@@ -67,6 +69,14 @@ def make_fwd(path, causal):
             is_causal=causal, implementation="cudnn")
     if path == "xla_plain":
         return lambda q, k, v: plain_xla(q, k, v, causal)
+    if path == "pallas_mgpu":
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+        cfg = mg.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal,
+                              block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=128)
+        f16 = jnp.float16
+        return lambda q, k, v: mg.attention(
+            (l2n(q).astype(jnp.float32) * SCALE).astype(f16), l2n(k).astype(f16), v.astype(f16),
+            cfg).astype(q.dtype)
     if path in ("kernel", "kernel_sm80"):  # inputs are pre-normalised by the caller
         def f(q, k, v):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)

@@ -7,8 +7,7 @@
 //   warpgroups 1-2 64 keys each, independent of each other. Per query tile:
 //                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
 //                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
-//                  P and dS from registers). At D = 64 the elementwise work of tile j+1 runs
-//                  while the dV, dK products of tile j are in flight.
+//                  P and dS from registers).
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
 // -> P = 0) are handled.
@@ -28,9 +27,6 @@ struct BwdDkvTraits {
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24*128 + 240*256 <= 64K
-  // Elementwise work of step j+1 under the dV, dK products of step j: fits the registers at
-  // D <= 64 only (D = 128 serialises the wgmma pipeline and spills).
-  static constexpr bool kOverlap = D <= 64;
 
   using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
@@ -205,111 +201,50 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tKVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
   Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
 
-  // P^T and dS^T of a step, in place of the S^T / dP^T accumulators (reads them only).
-  struct Step {
-    int st, n, t0;
-  };
-  auto step_of = [&](int step) {
-    return Step{step % STAGES, kh * p.hpk + step / mtiles, (m_begin + step % mtiles) * BM};
-  };
-  auto make_p_ds = [&](STensor& tSrS, STensor& tSrdP, Step s) {
-    const float c2 = p.scale[s.n] * kLog2e;
-    // Every (key, query) of this warpgroup's block is valid unless it crosses a row limit.
-    const bool check = wg_key0 + 64 > min(L(s.t0), L(s.t0 + BM - 1));
-    auto body = [&](auto chk) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) {
-        const int q = get<1>(tScS(i));
-        float x = ex2(fmaf(tSrS(i), c2, -ss.lse2[s.st][q]));
-        if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(s.t0 + q) ? x : 0.f;
-        tSrS(i) = x;
-        tSrdP(i) = x * (tSrdP(i) - ss.delta[s.st][q]);
-      }
-    };
-    if (check) body(BoolC<true>{});
-    else body(BoolC<false>{});
-  };
-  auto pack = [&](STensor const& tSrS, STensor const& tSrdP, Step s) {
-    const float sc = p.scale[s.n];
-    uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
-    uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < size(tSrS) / 2; ++j) {
-      dp_[j] = MmaOp<T>::pack(tSrS(2 * j), tSrS(2 * j + 1));
-      dds[j] = MmaOp<T>::pack(tSrdP(2 * j) * sc, tSrdP(2 * j + 1) * sc);
+  if (steps > 0) FullBar::wait(&ss.kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int st = step % STAGES;
+    const int n = kh * p.hpk + step / mtiles;
+    const int t0 = (m_begin + step % mtiles) * BM;
+    const float sc = p.scale[n];
+    const float c2 = sc * kLog2e;
+    // Every (key, query) of this warpgroup's block is valid unless the block crosses a row limit.
+    const bool check = wg_key0 + 64 > min(L(t0), L(t0 + BM - 1));
+
+    FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
+    STensor tSrS = new_s();
+    STensor tSrdP = new_s();
+    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
+    warpgroup_wait<0>();
+
+    {
+      uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
+      uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+      auto body = [&](auto chk) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); i += 2) {
+          float pv[2], dsv[2];
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int q = get<1>(tScS(i + e));
+            float x = ex2(fmaf(tSrS(i + e), c2, -ss.lse2[st][q]));
+            if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
+            pv[e] = x;
+            dsv[e] = x * (tSrdP(i + e) - ss.delta[st][q]);
+          }
+          dp_[i / 2] = MmaOp<T>::pack(pv[0], pv[1]);
+          dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
+        }
+      };
+      if (check) body(BoolC<true>{});
+      else body(BoolC<false>{});
     }
-  };
-  auto release = [&](int st) {
+    wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+    wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
+    warpgroup_wait<0>();
     __syncwarp();
     if (lane == 0) EmptyBar::arrive(&ss.q_empty[st]);
-  };
-
-  if constexpr (!Tr::kOverlap) {
-    // One step at a time (D = 128: the overlapped schedule needs more than 240 registers), with
-    // the two warpgroups taking turns issuing (pingpong, named barriers 8 and 9 as in the
-    // forward) so that one's elementwise work runs under the other's products.
-    const int my_turn = 8 + (wg - 1), other_turn = 8 + (2 - wg);
-    if (wg == 2 && steps > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
-    if (steps > 0) FullBar::wait(&ss.kv_full, 0);
-    for (int step = 0; step < steps; ++step) {
-      const Step s = step_of(step);
-      FullBar::wait(&ss.q_full[s.st], (step / STAGES) & 1);
-      STensor tSrS = new_s();
-      STensor tSrdP = new_s();
-      named_bar_sync(my_turn, 256);
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s.st), tSrS);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, s.st), tSrdP);
-      named_bar_arrive(other_turn, 256);
-      warpgroup_wait<0>();
-      make_p_ds(tSrS, tSrdP, s);
-      pack(tSrS, tSrdP, s);
-      named_bar_sync(my_turn, 256);
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, s.st), tdVrdV);
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, s.st), tdKrdK);
-      // warpgroup 2's last turn is the last: nobody waits for it
-      if (wg == 1 || step + 1 < steps) named_bar_arrive(other_turn, 256);
-      warpgroup_wait<0>();
-      release(s.st);
-    }
-  } else {
-    if (steps > 0) {
-      FullBar::wait(&ss.kv_full, 0);
-      const Step s = step_of(0);
-      FullBar::wait(&ss.q_full[0], 0);
-      STensor tSrS = new_s();
-      STensor tSrdP = new_s();
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, 0), tSrS);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, 0), tSrdP);
-      warpgroup_wait<0>();
-      make_p_ds(tSrS, tSrdP, s);
-      pack(tSrS, tSrdP, s);
-    }
-    // Issue S^T, dP^T of step j+1, then dV, dK of step j; wait for the first two only, so the
-    // exponentials of step j+1 run under dV(j), dK(j). The last step is peeled (no wait behind a
-    // branch).
-    for (int step = 0; step + 1 < steps; ++step) {
-      const int st = step % STAGES;
-      const Step s1 = step_of(step + 1);
-      FullBar::wait(&ss.q_full[s1.st], ((step + 1) / STAGES) & 1);
-      STensor tSrS = new_s();
-      STensor tSrdP = new_s();
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, s1.st), tSrS);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, s1.st), tSrdP);
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-      warpgroup_wait<2>();
-      make_p_ds(tSrS, tSrdP, s1);
-      warpgroup_wait<0>();
-      release(st);
-      pack(tSrS, tSrdP, s1);
-    }
-    if (steps > 0) {
-      const int st = (steps - 1) % STAGES;
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-      warpgroup_wait<0>();
-      release(st);
-    }
   }
 
   // ------------------------------------------------------------------ epilogue: dK, dV

@@ -16,7 +16,8 @@ struct BwdDqTraits {
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
-  static constexpr int BR = 128, BC = 64, STAGES = 3;
+  // 64-key tiles at D = 128 (registers: S, dP and dQ accumulators), 128 at D = 64.
+  static constexpr int BR = 128, BC = (D <= 64 ? 128 : 64), STAGES = 3;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
