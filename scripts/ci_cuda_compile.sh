@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA extension for sm_90a (CI has no GPU). Builds kernels + FFI glue
 # against the installed jax's FFI headers, checks for register spills and that the module links.
+# With the nvidia-cutlass wheel installed the sm_90a (CuTe) kernels are built and checked too.
 # Usage: scripts/ci_cuda_compile.sh [BUILD_DIR]   (PYTHON defaults to python3)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,5 +29,5 @@ PYTHONPATH="$(dirname "$so")" "$PY" -c "
 import _jca_cuda as m
 r = m.registrations()
 assert set(r) == {'jca_cosattn_fwd', 'jca_cosattn_bwd'}, r
-print('ci_cuda_compile: ok, FFI API', m.ffi_api_version)"
+print('ci_cuda_compile: ok, FFI API', m.ffi_api_version, 'sm_90a kernels', m.sm90_built)"
 echo "ci_cuda_compile: built $so in $(( $(date +%s) - t0 )) s"
