@@ -53,13 +53,19 @@ JCA_EXTERN(128)
 
 bool Sm90KernelsBuilt() { return JCA_HAVE_SM90 != 0; }
 
+static bool Sm90Shape(const Params& p) {
+  return JCA_HAVE_SM90 && p.allow_sm90 && p.cc == 90 && (p.D == 64 || p.D == 128);
+}
+
+// The sm_90a forward reads a bias along keys with unit stride only (a bias broadcast along S
+// goes to the sm_80 kernel); any dense mask.
 bool UsesSm90Fwd(const Params& p) {
-  return JCA_HAVE_SM90 && p.allow_sm90 && p.cc == 90 && (p.D == 64 || p.D == 128) &&
-         p.bias == nullptr && p.mask == nullptr;
+  return Sm90Shape(p) && (p.bias == nullptr || p.bias_ss == 1);
 }
 
 bool UsesSm90Bwd(const Params& p) {
-  return UsesSm90Fwd(p) && p.dbias_mode == DBiasMode::kNone;
+  return Sm90Shape(p) && p.bias == nullptr && p.mask == nullptr &&
+         p.dbias_mode == DBiasMode::kNone;
 }
 
 #if JCA_HAVE_SM90

@@ -71,10 +71,10 @@ bool HeadDimSupported(int d);
 // Whether the sm_90a (TMA + wgmma) forward kernels were compiled into this build.
 bool Sm90KernelsBuilt();
 // Whether LaunchFwd takes the sm_90a kernel for these parameters (else the sm_80 kernel): an
-// sm_90 device, head dim 64 or 128, no bias and no dense mask.
+// sm_90 device, head dim 64 or 128; a bias only with unit stride along keys.
 bool UsesSm90Fwd(const Params& p);
 // Whether LaunchBwd takes the sm_90a kernels (deterministic: dQ and dK/dV kernels without
-// atomics): as UsesSm90Fwd, and no dbias requested.
+// atomics): an sm_90 device, head dim 64 or 128, no bias, no dense mask.
 bool UsesSm90Bwd(const Params& p);
 // Bytes of XLA-owned scratch the backward needs (delta and log2-lse, f32 [B,N,T] each).
 size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T);

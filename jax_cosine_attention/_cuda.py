@@ -46,7 +46,8 @@ AVAILABLE = _C is not None and not DISABLED
 if _C is not None and DISABLED:
     IMPORT_ERROR = "CUDA kernels disabled by JCA_DISABLE_CUDA=1"
 # Whether the sm_90a (TMA + wgmma) kernels are in this build. They run on sm_90 devices for head
-# dims 64 and 128 without a bias or dense mask (their backward is deterministic);
+# dims 64 and 128: the forward also with masks and biases (unit stride along keys), the
+# backward (deterministic) without bias or dense mask;
 # JCA_SM90=0 (read when a call is traced) keeps every call on the portable sm_80 kernels.
 SM90_BUILT = bool(getattr(_C, "sm90_built", False))
 
