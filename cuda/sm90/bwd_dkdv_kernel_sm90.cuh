@@ -25,7 +25,7 @@ struct BwdDkvTraits {
   static constexpr int BM = 64;   // query rows per step
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
-  static constexpr int kConsumerWarps = 8;
+  static constexpr int kConsumerThreads = 256;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24*128 + 240*256 <= 64K
 
   using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
@@ -103,8 +103,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::init(&ss.kv_full, 1);
     CUTLASS_PRAGMA_UNROLL
     for (int s = 0; s < STAGES; ++s) {
-      FullBar::init(&ss.q_full[s], 1);
-      EmptyBar::init(&ss.q_empty[s], Tr::kConsumerWarps);
+      // Every thread that writes or reads the staged lse2 / delta rows arrives itself (its own
+      // release), so the hand-over needs no reasoning across lanes.
+      FullBar::init(&ss.q_full[s], 32);
+      EmptyBar::init(&ss.q_empty[s], Tr::kConsumerThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         ss.lse2[st][r] = t < p.T ? lse2_g[row0 + t] : INFINITY;
         ss.delta[st][r] = t < p.T ? delta_g[row0 + t] : 0.f;
       }
-      __syncwarp();  // the leader's arrive below releases the whole warp's stores
+      if (!leader) FullBar::arrive(&ss.q_full[st]);
       if (leader) {
         Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
         Tensor gdO = local_tile(mdO(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
@@ -165,7 +167,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // ------------------------------------------------------------------ consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int ctid = threadIdx.x - 128;
-  const int lane = threadIdx.x % 32;
   typename Tr::MmaSdP mma_sdp;
   typename Tr::MmaKV mma_kv;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
@@ -243,8 +244,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
     warpgroup_wait<0>();
-    __syncwarp();
-    if (lane == 0) EmptyBar::arrive(&ss.q_empty[st]);
+    EmptyBar::arrive(&ss.q_empty[st]);
   }
 
   // ------------------------------------------------------------------ epilogue: dK, dV

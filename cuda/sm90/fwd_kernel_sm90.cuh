@@ -9,7 +9,11 @@
 // QK^T of tile j+1 is issued and its exponentials are computed; only the P registers and the
 // smem stage wait for it. The running-max path (unbounded inputs or a
 // logit bound too wide for the P dtype) waits for PV before rescaling O.
-// Bias and dense masks are not handled here: the dispatcher sends those to the sm_80 kernel.
+// Bias and dense masks (the sm_80 kernel's semantics) are a separate instantiation, kBiasMask, so
+// that the plain kernel stays as it is. A bias forces the running-max path and is loaded straight
+// into registers. A mask makes every tile take the checked softmax; it is staged in smem one tile
+// ahead (cp.async): with the accumulators resident, too few registers are left to batch its
+// loads, and ptxas serialised them.
 #pragma once
 #include "common_sm90.cuh"
 #include "../softmax_shift.cuh"
@@ -26,8 +30,10 @@ struct FwdTraits {
   static constexpr int BR = 64 * kConsumerWGs;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);
   static constexpr int kConsumerWarps = 4 * kConsumerWGs;
-  // setmaxnreg budgets: 40 * 128 + 232 * 256 <= 64K registers per SM
+  // setmaxnreg budgets: 40 * 128 + 232 * 256 <= 64K registers per SM; the bias / mask
+  // instantiation moves 16 more to the consumers (24 * 128 + 240 * 256).
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kProducerRegsBM = 24, kConsumerRegsBM = 240;
 
   using TileQK = Shape<Int<BR>, Int<BC>, Int<D>>;  // (M, N, K)
   using TilePV = Shape<Int<BR>, Int<D>, Int<BC>>;
@@ -68,7 +74,28 @@ struct FwdTraits {
     uint64_t k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES];
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
+  // kBiasMask: after SharedStorage, the mask bytes of one key tile per query row, as the aligned
+  // words that cover them (up to 33); rows 36 words apart keep copies and reads conflict-free.
+  static constexpr int kMaskRowBytes = 144;
+  static constexpr size_t kMaskSmem = size_t(BR) * kMaskRowBytes;
 };
+
+// v = pred ? *ptr : v as one predicated load of read-only data (a load behind a branch is
+// waited for on its own).
+__device__ __forceinline__ float ldg_if(bool pred, const float* ptr, float v) {
+  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p ld.global.nc.f32 %0, [%1];\n\t}"
+      : "+f"(v)
+      : "l"(ptr), "r"(int(pred)));
+  return v;
+}
+// 4-byte async copy of the first n (0..4) bytes at src, the rest of dst zero-filled.
+__device__ __forceinline__ void cp_async4_n(void* dst, const void* src, int n) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(n));
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
 
 template <class Tr>
 struct KernelArgs {
@@ -77,7 +104,7 @@ struct KernelArgs {
   Params p;
 };
 
-template <class Tr>
+template <class Tr, bool kBiasMask>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
   using T = typename Tr::T;
@@ -119,7 +146,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // ------------------------------------------------------------------ producer
   if (wg == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<kBiasMask ? Tr::kProducerRegsBM : Tr::kProducerRegs>();
     if (threadIdx.x / 32 == 0 && cute::elect_one_sync() && ntiles > 0) {
       Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
       Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
@@ -160,7 +187,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   // ------------------------------------------------------------------ consumers
-  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  cutlass::arch::warpgroup_reg_alloc<kBiasMask ? Tr::kConsumerRegsBM : Tr::kConsumerRegs>();
   const int ctid = threadIdx.x - 128;
   const int lane = threadIdx.x % 32;
   typename Tr::MmaQK mma_qk;
@@ -194,9 +221,35 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg_r0 = t0 + 64 * (wg - 1);
   const int wg_min_lim = min(L(wg_r0), L(wg_r0 + 63));
 
+  // Bias / mask of this thread's two rows (kBiasMask), key stride 1: 64-bit row bases once (rows
+  // past T clamped). The thread's keys in a tile are kt + dk(i), dk(i) a compile-time constant,
+  // so elements sit at immediate offsets from a row pointer. A mask broadcast along S (stride 0)
+  // is a per-row value: a row it masks out gets limit 0. A bias broadcast along S goes to the
+  // sm_80 kernel (UsesSm90Fwd).
+  const bool has_bias = kBiasMask && p.bias != nullptr;
+  const bool has_mask = kBiasMask && p.mask != nullptr;
+  const bool mask_keys = has_mask && p.mask_ss != 0;
+  const int kt = get<1>(tScS(0));
+  auto dk = [&](int i) { return get<1>(tScS(i)) - kt; };
+  const float* bias_r[2];    // + kt
+  const uint8_t* mask_r[2];  // row base in global memory
+  uint8_t* mask_k[2];        // + kt in the staged row (which starts at its first word)
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int t = min(rows[h], p.T - 1);
+    bias_r[h] = has_bias ? p.bias + b * p.bias_sb + n * p.bias_sn + t * p.bias_st + kt : nullptr;
+    mask_r[h] = has_mask ? p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st : nullptr;
+    if constexpr (kBiasMask) {
+      mask_k[h] = smem_raw + Tr::kSmem + (rows[h] - t0) * Tr::kMaskRowBytes +
+                  (reinterpret_cast<uintptr_t>(mask_r[h]) & 3) + kt;
+      if (has_mask && !mask_keys && *mask_r[h] == 0) lims[h] = 0;
+    }
+  }
+
   const float sc = p.scale[n];
   const float c2 = sc * kLog2e;
-  const bool fixed = p.bounded && fabsf(sc) * p.norm_groups <= ShiftCfg<T>::kMaxBound;
+  const bool fixed =
+      !has_bias && p.bounded && fabsf(sc) * p.norm_groups <= ShiftCfg<T>::kMaxBound;
   const float shift2 = fixed ? (ShiftCfg<T>::kDelta - fabsf(sc) * p.norm_groups) * kLog2e : 0.f;
 
   float lsum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row half][two chains]
@@ -214,13 +267,57 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto turn_pass = [&]() { named_bar_arrive(other_turn, 256); };
   if (wg == 2 && ntiles > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
 
+  // kBiasMask (else a no-op): stages the mask of key tile j for this quad's two rows (lanes
+  // 4g..4g+3 share their rows): the words covering bytes j*BC .. j*BC+BC-1 of each row, 9 per row
+  // and thread, zero-filled past the row's end.
+  auto stage_mask = [&](int j) {
+    if constexpr (kBiasMask) {
+      __syncwarp();  // the quad is done reading the previous tile
+      if (mask_keys && j < ntiles) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int lead = int(reinterpret_cast<uintptr_t>(mask_r[h]) & 3);
+          const uint8_t* src = mask_r[h] + j * BC - lead;
+          uint8_t* dst = mask_k[h] - kt - lead;
+          const int left = p.S - j * BC + lead;  // bytes from src to the row's end
+          CUTLASS_PRAGMA_UNROLL
+          for (int q = 0; q < Tr::kMaskRowBytes / 16; ++q) {
+            const int o = 4 * (lane % 4) + 16 * q;  // byte offset of this thread's word
+            const int len = min(max(left - o, 0), 4);
+            cp_async4_n(dst + o, src + (len > 0 ? o : 0), len);  // a valid address even if empty
+          }
+        }
+      }
+    }
+  };
+
   // Softmax of the S tile with keys s0.. into tSrP (f32). Only reads the S accumulator, so it may
   // run while the previous PV wgmma is in flight. Online path: returns the factor O must be
   // rescaled by once that PV has landed.
   float alpha[2] = {1.f, 1.f};
   auto softmax = [&](STensor& tSrS, int s0) {
-    const bool check = s0 + BC > wg_min_lim;
-    auto key_ok = [&](int i) { return s0 + get<1>(tScS(i)) < lims[(i >> 1) & 1]; };
+    const bool check = s0 + BC > wg_min_lim || has_mask;
+    if constexpr (kBiasMask) {  // the quad's staged mask words of this tile
+      cp_async_wait_all();
+      __syncwarp();
+    }
+    auto key_ok = [&](int i) {
+      const int h = (i >> 1) & 1;
+      if constexpr (kBiasMask) {  // the smem byte is read either way: no branch
+        return (dk(i) < lims[h] - s0 - kt) & (!mask_keys | (mask_k[h][dk(i)] != 0));
+      } else {
+        return s0 + get<1>(tScS(i)) < lims[h];
+      }
+    };
+    // Bias of element i: guarded by the row limit in checked tiles. A tile without checks has
+    // no key past S (rows are clamped), and no mask, so a bias: plain loads.
+    auto bias_at = [&](int i, auto chk) {
+      const int h = (i >> 1) & 1;
+      if constexpr (decltype(chk)::value)
+        return ldg_if(has_bias && dk(i) < lims[h] - s0 - kt, bias_r[h] + s0 + dk(i), 0.f);
+      else
+        return __ldg(bias_r[h] + s0 + dk(i));
+    };
     if (fixed) {
       auto body = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
@@ -236,12 +333,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       return;
     }
     float tmax[2] = {-INFINITY, -INFINITY};
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrP); ++i) {
-      float x = tSrS(i) * c2;
-      if (check && !key_ok(i)) x = -INFINITY;
-      tSrS(i) = x;
-      tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], x);
+    auto logits = [&](auto chk) {  // chk: bool, or std::bool_constant for a compile-time check
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrP); ++i) {
+        float x = tSrS(i) * c2;
+        if constexpr (kBiasMask) x = fmaf(bias_at(i, chk), kLog2e, x);
+        if (chk && !key_ok(i)) x = -INFINITY;
+        tSrS(i) = x;
+        tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], x);
+      }
+    };
+    if constexpr (kBiasMask) {  // loads: the check is resolved at compile time
+      if (check) logits(std::true_type{});
+      else logits(std::false_type{});
+    } else {
+      logits(check);
     }
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
@@ -269,6 +375,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   if (ntiles > 0) {
+    stage_mask(0);
     FullBar::wait(&ss.q_full, 0);
     FullBar::wait(&ss.k_full[0], 0);
     STensor tSrS = new_s();
@@ -278,6 +385,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     warpgroup_wait<0>();
     release(&ss.k_empty[0]);
     softmax(tSrS, 0);
+    stage_mask(1);
     pack_p(tSrS);
   }
   // Per tile (FA3's intra-warpgroup overlap): issue QK^T of the next tile, then PV of this one;
@@ -295,6 +403,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     warpgroup_wait<1>();
     release(&ss.k_empty[st1]);
     softmax(tSrS, (it + 1) * BC);
+    stage_mask(it + 2);
     warpgroup_wait<0>();
     release(&ss.v_empty[st]);
     if (!fixed) {

@@ -31,13 +31,17 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.v, p.S, p.KH, p.B),
                     take<0, 2>(typename Tr::SmemLayoutKV{}), Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
       p};
-  auto kernel = fwd_kernel_sm90<Tr>;
+  // Bias / dense mask: a separate instantiation (with the staged mask's smem), so that the plain
+  // kernel carries none of it.
+  const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
+  auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
+  const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(Tr::kSmem));
+                                           int(smem));
       e != cudaSuccess)
     return e;
   const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(args);
   return cudaGetLastError();
 }
 
