@@ -77,13 +77,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
   const int n = blockIdx.y, b = blockIdx.z;
-  const int qtile = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int t0 = qtile * BR;
   const int kh = n / p.hpk;
   const RowLimits L = make_limits(p, b);
-  const int cta_last = min(t0 + BR, L.qlen) - 1;
-  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
-  const int ntiles = (kv_end + BC - 1) / BC;
+  const QueryTile tile = query_tile(p, L, BR, BC);
+  const int qtile = tile.index, t0 = tile.t0, ntiles = tile.ntiles;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -177,10 +174,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg_min_lim = min(L(wg_r0), L(wg_r0 + 63));
   const float c2 = p.scale[n] * kLog2e;
 
-  const int my_turn = 8 + (wg - 1), other_turn = 8 + (2 - wg);
-  auto turn_wait = [&]() { named_bar_sync(my_turn, 256); };
-  auto turn_pass = [&]() { named_bar_arrive(other_turn, 256); };
-  if (wg == 2 && ntiles > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
+  const Pingpong turn(wg, ntiles > 0);
   auto release = [&](int st) {
     __syncwarp();
     if (lane == 0) EmptyBar::arrive(&ss.empty[st]);
@@ -215,10 +209,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.v_full[0], 0);
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
-    turn_wait();
+    turn.wait();
     wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, 0), tSrS);
     wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, 0), tSrdP);
-    turn_pass();
+    turn.pass();
     warpgroup_wait<0>();
     make_ds(tSrS, tSrdP, 0);
     pack_ds(tSrdP);
@@ -230,11 +224,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     STensor tSrdP = new_s();
     FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
     FullBar::wait(&ss.v_full[st1], ((it + 1) / STAGES) & 1);
-    turn_wait();
+    turn.wait();
     wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, st1), tSrS);
     wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, st1), tSrdP);
     wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
-    turn_pass();
+    turn.pass();
     warpgroup_wait<1>();
     make_ds(tSrS, tSrdP, (it + 1) * BC);
     warpgroup_wait<0>();
@@ -243,9 +237,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   if (ntiles > 0) {
     const int st = (ntiles - 1) % STAGES;
-    turn_wait();
+    turn.wait();
     wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
-    if (wg == 1) turn_pass();  // warpgroup 2's last turn is the last: nobody waits for it
+    turn.pass_unless_last(true);
     warpgroup_wait<0>();
     release(st);
   }

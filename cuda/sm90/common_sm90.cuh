@@ -47,6 +47,36 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
+// Query tile of a CTA over grid x (causal: longest tiles first) and the number of BC-key tiles
+// its rows may attend.
+struct QueryTile {
+  int index, t0, ntiles;
+};
+__device__ __forceinline__ QueryTile query_tile(const Params& p, const RowLimits& L, int BR,
+                                                int BC) {
+  const int index = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int t0 = index * BR;
+  const int last = min(t0 + BR, L.qlen) - 1;
+  const int kv_end = last >= t0 ? L(last) : 0;
+  return {index, t0, (kv_end + BC - 1) / BC};
+}
+
+// Pingpong of two consumer warpgroups (wg = 1, 2) issuing wgmmas in turns: named barrier
+// 8 + wg - 1 is warpgroup wg's turn. Both must take the same number of turns; warpgroup 2 does
+// not pass its last one (nobody would wait for it).
+struct Pingpong {
+  int mine, other;
+  __device__ __forceinline__ Pingpong(int wg, bool any_turns)
+      : mine(8 + (wg - 1)), other(8 + (2 - wg)) {
+    if (wg == 2 && any_turns) named_bar_arrive(8, 256);  // warpgroup 1 goes first
+  }
+  __device__ __forceinline__ void wait() const { named_bar_sync(mine, 256); }
+  __device__ __forceinline__ void pass() const { named_bar_arrive(other, 256); }
+  __device__ __forceinline__ void pass_unless_last(bool last) const {
+    if (mine == 8 || !last) pass();
+  }
+};
+
 // A [B, rows, heads, D] global tensor as the (rows, D, heads, batch) view the TMA copies tile.
 template <int D>
 using GShape = Shape<int32_t, Int<D>, int32_t, int32_t>;

@@ -53,15 +53,10 @@ struct FwdTraits {
       SmemLayoutKV{},
       make_ordered_layout(Shape<Int<D>, Int<BC>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
 
-  // Global tensors as (rows, D, heads, batch) views of [B, rows, heads, D].
-  using GShape = Shape<int32_t, Int<D>, int32_t, int32_t>;
-  using GStride = Stride<int64_t, _1, int64_t, int64_t>;
-  using GTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
-                                       GShape{}, GStride{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutQ{},
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{}, SmemLayoutQ{},
                                       Shape<Int<BR>, Int<D>>{}, _1{}));
-  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, take<0, 2>(SmemLayoutKV{}),
-                                       Shape<Int<BC>, Int<D>>{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{},
+                                       take<0, 2>(SmemLayoutKV{}), Shape<Int<BC>, Int<D>>{}, _1{}));
 
   static constexpr uint32_t kQBytes = BR * D * sizeof(Element);
   static constexpr uint32_t kKVBytes = BC * D * sizeof(Element);
@@ -118,13 +113,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
   const int n = blockIdx.y, b = blockIdx.z;
-  const int qtile = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int t0 = qtile * BR;
   const int kh = n / p.hpk;
   const RowLimits L = make_limits(p, b);
-  const int cta_last = min(t0 + BR, L.qlen) - 1;
-  const int kv_end = cta_last >= t0 ? L(cta_last) : 0;
-  const int ntiles = (kv_end + BC - 1) / BC;
+  const QueryTile tile = query_tile(p, L, BR, BC);
+  const int qtile = tile.index, t0 = tile.t0, ntiles = tile.ntiles;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -260,12 +252,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncwarp();
     if (lane == 0) EmptyBar::arrive(bar);
   };
-  // Pingpong (FA3): the two consumer warpgroups take turns issuing their wgmmas, so one's
-  // softmax runs under the other's products. Named barrier 8 + w - 1 is warpgroup w's turn.
-  const int my_turn = 8 + (wg - 1), other_turn = 8 + (2 - wg);
-  auto turn_wait = [&]() { named_bar_sync(my_turn, 256); };
-  auto turn_pass = [&]() { named_bar_arrive(other_turn, 256); };
-  if (wg == 2 && ntiles > 0) named_bar_arrive(8, 256);  // warpgroup 1 goes first
+  // Pingpong (FA3): one warpgroup's softmax runs under the other's products.
+  const Pingpong turn(wg, ntiles > 0);
 
   // kBiasMask (else a no-op): stages the mask of key tile j for this quad's two rows (lanes
   // 4g..4g+3 share their rows): the words covering bytes j*BC .. j*BC+BC-1 of each row, 9 per row
@@ -379,9 +367,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full, 0);
     FullBar::wait(&ss.k_full[0], 0);
     STensor tSrS = new_s();
-    turn_wait();
+    turn.wait();
     wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
-    turn_pass();
+    turn.pass();
     warpgroup_wait<0>();
     release(&ss.k_empty[0]);
     softmax(tSrS, 0);
@@ -396,10 +384,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     STensor tSrS = new_s();
     FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
     FullBar::wait(&ss.v_full[st], (it / STAGES) & 1);
-    turn_wait();
+    turn.wait();
     wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st1), tSrS);
     wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
-    turn_pass();
+    turn.pass();
     warpgroup_wait<1>();
     release(&ss.k_empty[st1]);
     softmax(tSrS, (it + 1) * BC);
@@ -415,9 +403,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (ntiles > 0) {
     const int st = (ntiles - 1) % STAGES;
     FullBar::wait(&ss.v_full[st], ((ntiles - 1) / STAGES) & 1);
-    turn_wait();
+    turn.wait();
     wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
-    if (wg == 1) turn_pass();  // warpgroup 2's last turn is the last: nobody waits for it
+    turn.pass_unless_last(true);
     warpgroup_wait<0>();
     release(&ss.v_empty[st]);
   }

@@ -10,25 +10,16 @@ namespace jca::sm90 {
 template <int D, typename T>
 using FwdConfig = FwdTraits<D, 128, (D <= 64 ? 3 : 2), T>;
 
-template <class Tr>
-auto make_gmem(const void* ptr, int rows, int heads, int batch) {
-  using E = typename Tr::Element;
-  constexpr int D = Tr::D;
-  return make_tensor(make_gmem_ptr(static_cast<E const*>(ptr)),
-                     typename Tr::GShape{rows, Int<D>{}, heads, batch},
-                     typename Tr::GStride{int64_t(heads) * D, _1{}, int64_t(D),
-                                          int64_t(rows) * heads * D});
-}
-
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   using Tr = FwdConfig<D, T>;
+  using E = typename Tr::Element;
   KernelArgs<Tr> args{
-      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.q, p.T, p.N, p.B),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.q, p.T, p.N, p.B),
                     typename Tr::SmemLayoutQ{}, Shape<Int<Tr::BR>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.k, p.S, p.KH, p.B),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.k, p.S, p.KH, p.B),
                     take<0, 2>(typename Tr::SmemLayoutKV{}), Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, make_gmem<Tr>(p.v, p.S, p.KH, p.B),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B),
                     take<0, 2>(typename Tr::SmemLayoutKV{}), Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
       p};
   // Bias / dense mask: a separate instantiation (with the staged mask's smem), so that the plain
