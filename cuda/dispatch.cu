@@ -79,23 +79,24 @@ JCA_EXTERN_SM90(128)
 #undef JCA_EXTERN_SM90
 #endif
 
+// sm_90a kernels: head dims 64 and 128 (UsesSm90Fwd / UsesSm90Bwd checked the rest).
+#define JCA_DISPATCH_SM90(FN, p, stream)                                            \
+  do {                                                                              \
+    const bool bf = (p).dtype == DType::kBF16;                                      \
+    if ((p).D == 64)                                                                \
+      return bf ? sm90::FN<64, __nv_bfloat16>(p, stream) : sm90::FN<64, __half>(p, stream); \
+    return bf ? sm90::FN<128, __nv_bfloat16>(p, stream) : sm90::FN<128, __half>(p, stream); \
+  } while (0)
+
 cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) {
 #if JCA_HAVE_SM90
-  if (UsesSm90Fwd(p)) {
-    const bool bf = p.dtype == DType::kBF16;
-    if (p.D == 64) return bf ? sm90::run_fwd<64, __nv_bfloat16>(p, stream) : sm90::run_fwd<64, __half>(p, stream);
-    return bf ? sm90::run_fwd<128, __nv_bfloat16>(p, stream) : sm90::run_fwd<128, __half>(p, stream);
-  }
+  if (UsesSm90Fwd(p)) JCA_DISPATCH_SM90(run_fwd, p, stream);
 #endif
   JCA_DISPATCH(run_fwd, p, stream);
 }
 cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) {
 #if JCA_HAVE_SM90
-  if (UsesSm90Bwd(p)) {
-    const bool bf = p.dtype == DType::kBF16;
-    if (p.D == 64) return bf ? sm90::run_bwd<64, __nv_bfloat16>(p, stream) : sm90::run_bwd<64, __half>(p, stream);
-    return bf ? sm90::run_bwd<128, __nv_bfloat16>(p, stream) : sm90::run_bwd<128, __half>(p, stream);
-  }
+  if (UsesSm90Bwd(p)) JCA_DISPATCH_SM90(run_bwd, p, stream);
 #endif
   JCA_DISPATCH(run_bwd, p, stream);
 }

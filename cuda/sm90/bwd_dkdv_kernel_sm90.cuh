@@ -132,8 +132,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (leader) {
       auto tk = args.tma_k.get_slice(_0{});
       auto tv = args.tma_v.get_slice(_0{});
-      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, make_coord(blockIdx.x, _0{}));
-      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, make_coord(blockIdx.x, _0{}));
+      const auto kv_tile = make_coord(int(blockIdx.x), _0{});
+      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
       FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
       copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
       copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
