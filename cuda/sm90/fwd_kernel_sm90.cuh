@@ -7,8 +7,8 @@
 // The two consumer warpgroups take turns issuing wgmmas (pingpong). Cosine-sim pipelining: on
 // the fixed-shift path O is never rescaled, so the PV wgmma of tile j stays in flight while the
 // QK^T of tile j+1 is issued and its exponentials are computed; only the P registers and the
-// smem stage wait for it. The running-max path (unbounded inputs or a
-// logit bound too wide for the P dtype) waits for PV before rescaling O.
+// smem stage wait for it. The running-max path (unbounded inputs, a bias, or a logit bound too
+// wide for the P dtype) rescales O once that PV has landed.
 // Bias and dense masks (the sm_80 kernel's semantics) are a separate instantiation, kBiasMask, so
 // that the plain kernel stays as it is. A bias forces the running-max path and is loaded straight
 // into registers. A mask makes every tile take the checked softmax; it is staged in smem one tile
