@@ -1,4 +1,5 @@
-// Thin wrappers over the sm_80 PTX we use: cp.async, ldmatrix, mma.sync m16n8k16, ex2.approx.
+// Thin wrappers over the sm_80 PTX we use: cp.async, ldmatrix, mma.sync m16n8k16, ex2.approx,
+// predicated loads.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,13 +21,28 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
                "r"(n));
 }
-// 4-byte async copy (f32 row statistics); zero-filled when !pred.
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
-  const int n = pred ? 4 : 0;
+// 4-byte async copy of the first n (0..4) bytes at gmem, the rest of the 4 zero-filled.
+__device__ __forceinline__ void cp_async4_n(void* smem, const void* gmem, int n) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
                "r"(n));
 }
+// 4-byte async copy (f32 row statistics); zero-filled when !pred.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+  cp_async4_n(smem, gmem, pred ? 4 : 0);
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits for every cp.async of this thread, committed or not.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+// v = pred ? *ptr : v as one predicated load of read-only data (a load behind a branch is
+// waited for on its own).
+__device__ __forceinline__ float ldg_if(bool pred, const float* ptr, float v) {
+  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p ld.global.nc.f32 %0, [%1];\n\t}"
+      : "+f"(v)
+      : "l"(ptr), "r"(int(pred)));
+  return v;
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));

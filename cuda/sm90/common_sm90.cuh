@@ -90,6 +90,18 @@ auto gmem_rows_view(const void* ptr, int rows, int heads, int batch) {
 template <class Element, int D>
 using GTensor = decltype(gmem_rows_view<Element, D>(nullptr, 0, 0, 0));
 
+// Host: launch a kernel that needs more than 48 KiB of dynamic shared memory.
+template <class Kernel, class Args>
+cudaError_t launch_big_smem(Kernel kernel, const Args& args, dim3 grid, int threads, size_t smem,
+                            cudaStream_t stream) {
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(smem));
+      e != cudaSuccess)
+    return e;
+  kernel<<<grid, threads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
 // layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
 template <class Layout>

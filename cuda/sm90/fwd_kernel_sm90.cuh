@@ -75,23 +75,6 @@ struct FwdTraits {
   static constexpr size_t kMaskSmem = size_t(BR) * kMaskRowBytes;
 };
 
-// v = pred ? *ptr : v as one predicated load of read-only data (a load behind a branch is
-// waited for on its own).
-__device__ __forceinline__ float ldg_if(bool pred, const float* ptr, float v) {
-  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p ld.global.nc.f32 %0, [%1];\n\t}"
-      : "+f"(v)
-      : "l"(ptr), "r"(int(pred)));
-  return v;
-}
-// 4-byte async copy of the first n (0..4) bytes at src, the rest of dst zero-filled.
-__device__ __forceinline__ void cp_async4_n(void* dst, const void* src, int n) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(n));
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
 template <class Tr>
 struct KernelArgs {
   typename Tr::TmaQ tma_q;

@@ -8,16 +8,6 @@
 
 namespace jca::sm90 {
 
-template <class Tr, class Kernel, class Args>
-cudaError_t launch(Kernel kernel, const Args& args, dim3 grid, cudaStream_t stream) {
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(Tr::kSmem));
-      e != cudaSuccess)
-    return e;
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
-  return cudaGetLastError();
-}
-
 template <class Tr>
 cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
   using E = typename Tr::Element;
@@ -34,8 +24,9 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
       p};
-  return launch<Tr>(bwd_dq_kernel_sm90<Tr>, args, dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B),
-                    stream);
+  return launch_big_smem(bwd_dq_kernel_sm90<Tr>, args,
+                         dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads, Tr::kSmem,
+                         stream);
 }
 
 template <class Tr>
@@ -54,8 +45,9 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
       p};
-  return launch<Tr>(bwd_dkdv_kernel_sm90<Tr>, args,
-                    dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), stream);
+  return launch_big_smem(bwd_dkdv_kernel_sm90<Tr>, args,
+                         dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
+                         stream);
 }
 
 template <int D, typename T>

@@ -27,13 +27,8 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
   auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
   const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(smem));
-      e != cudaSuccess)
-    return e;
-  const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(args);
-  return cudaGetLastError();
+  return launch_big_smem(kernel, args, dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads,
+                         smem, stream);
 }
 
 }  // namespace jca::sm90
