@@ -1,13 +1,18 @@
 // Hopper (sm_90a) dK/dV kernel of the backward. One CTA per (128-key tile, kv head, batch) loops
 // over the query heads of its GQA group and their 64-row query tiles; dK and dV stay in
-// registers and are stored once (dQ is the separate, forward-shaped kernel of
-// bwd_dq_kernel_sm90.cuh: no atomics anywhere, so the backward is deterministic).
+// registers and are stored once.
 //   warpgroup 0    producer warp: TMA of K and V once, then Q and dO tiles into a 2-stage ring;
 //                  its lanes stage the tile's lse2 and delta rows next to them in smem.
-//   warpgroups 1-2 64 keys each, independent of each other. Per query tile:
+//                  With FuseDq, warp 1 is the dQ writer: bulk reduce-add of each step's dQ tile
+//                  (f32, staged in smem) into the zeroed dq_acc.
+//   warpgroups 1-2 64 keys each. Per query tile:
 //                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
 //                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
 //                  P and dS from registers).
+//                  With FuseDq (FA3's 5-product backward) each also stores its dS half to smem;
+//                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) goes
+//                  to smem for the writer. Without it (deterministic mode) dQ is the separate,
+//                  forward-shaped kernel of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
 // -> P = 0) are handled.
@@ -16,8 +21,9 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
+  static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -26,7 +32,8 @@ struct BwdDkvTraits {
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24*128 + 240*256 <= 64K
+  // 32*128 + 240*256 = 64K (the fused variant's producer warp spills at 24)
+  static constexpr int kProducerRegs = FuseDq_ ? 32 : 24, kConsumerRegs = 240;
 
   using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
@@ -53,11 +60,36 @@ struct BwdDkvTraits {
   static constexpr uint32_t kQBytes = BM * D * sizeof(Element);
   static constexpr uint32_t kKVBytes = BN * D * sizeof(Element);
 
+  // FuseDq: dQ (queries, D, keys) = dS K, the two warpgroups splitting D; dS stored query-major
+  // (the S^T accumulators hold consecutive queries in register pairs), double-buffered by step
+  // parity so one warpgroup's next dS never overwrites what the other's dQ product still reads.
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D / 2>, Int<BN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));
+  using SmemLayoutdS =
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<BM>, Int<BN>, _2>{}));
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BM>, _2>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
+  static constexpr int kDqPitch = D + 4;  // f32 row pitch of the staged dQ tile (bank spread)
+  using SmemLayoutdQ = Layout<Shape<Int<BM>, Int<D>>, Stride<Int<kDqPitch>, _1>>;
+  struct DqStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    alignas(16) float dq[BM * kDqPitch];
+  };
+  struct NoStorage {  // the plain kernel: placeholders that are never accessed
+    cute::array_aligned<Element, 8> ds;
+    float dq[4];
+  };
+
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    std::conditional_t<kFuseDq, DqStorage, NoStorage> fused;
     float lse2[STAGES][BM], delta[STAGES][BM];
     alignas(8) uint64_t kv_full;
     uint64_t q_full[STAGES], q_empty[STAGES];
@@ -118,8 +150,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
 
   // ------------------------------------------------------------------ producer warp
+  // Named barriers of the fused dQ: both dS halves stored; dQ tile staged; dQ tile read out.
+  constexpr int kBarPdS = 1, kBarDqReady = 2, kBarDqFree = 3;
+  constexpr int kDqSync = Tr::kConsumerThreads + 32;
+
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if constexpr (Tr::kFuseDq) {
+      if (threadIdx.x / 32 == 1) {  // the dQ writer warp
+        const int lane = threadIdx.x % 32;
+        for (int step = 0; step < steps; ++step) {
+          const int n = kh * p.hpk + step / mtiles;
+          const int m = m_begin + step % mtiles;
+          named_bar_sync(kBarDqReady, kDqSync);
+          for (int r = lane; r < BM; r += 32) {
+            const int t = m * BM + r;
+            if (t < p.T)
+              bulk_reduce_add_f32(p.dq_acc + ((int64_t(b) * p.T + t) * p.N + n) * D,
+                                  ss.fused.dq + r * Tr::kDqPitch, D * sizeof(float));
+          }
+          tma_store_arrive();
+          tma_store_wait<0>();  // the staged tile has been read: the consumers may refill it
+          if (step + 1 < steps) named_bar_arrive(kBarDqFree, kDqSync);
+        }
+        bulk_wait_all();
+        return;
+      }
+    }
     if (threadIdx.x / 32 != 0 || steps == 0) return;
     const int lane = threadIdx.x % 32;
     const bool leader = lane == 0;
@@ -170,8 +227,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int ctid = threadIdx.x - 128;
   typename Tr::MmaSdP mma_sdp;
   typename Tr::MmaKV mma_kv;
+  typename Tr::MmaDq mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_kv = mma_kv.get_thread_slice(ctid);
+  [[maybe_unused]] auto thr_dq = mma_dq.get_thread_slice(ctid);
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
 
@@ -223,6 +282,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     {
       uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
       uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+      // FuseDq: this thread's dS elements in smem, in the accumulator's order (queries in pairs)
+      Tensor sdSt = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdSt{});
+      Tensor tSsdS = thr_sdp.partition_C(sdSt(_, _, step & 1));
       auto body = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); i += 2) {
@@ -237,15 +299,38 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
           dp_[i / 2] = MmaOp<T>::pack(pv[0], pv[1]);
           dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
+          if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
+            *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
         }
       };
       if (check) body(BoolC<true>{});
       else body(BoolC<false>{});
     }
+    if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-    warpgroup_wait<0>();
-    EmptyBar::arrive(&ss.q_empty[st]);
+    if constexpr (Tr::kFuseDq) {
+      named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem
+      Tensor sdS = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdS{});
+      Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+      Tensor tQrdS = thr_dq.partition_fragment_A(sdS);  // (MMA, M, K, 2)
+      Tensor tQrKt = thr_dq.partition_fragment_B(sKt);
+      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
+      wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
+      warpgroup_wait<0>();
+      EmptyBar::arrive(&ss.q_empty[st]);
+      if (step > 0) named_bar_sync(kBarDqFree, kDqSync);  // the writer has read the last tile
+      Tensor sdQ = make_tensor(make_smem_ptr(ss.fused.dq), typename Tr::SmemLayoutdQ{});
+      Tensor tdQsdQ = thr_dq.partition_C(sdQ);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tdQrdQ); i += 2)
+        *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
+      cutlass::arch::fence_view_async_shared();  // st.shared -> the writer's bulk copy
+      named_bar_arrive(kBarDqReady, kDqSync);
+    } else {
+      warpgroup_wait<0>();
+      EmptyBar::arrive(&ss.q_empty[st]);
+    }
   }
 
   // ------------------------------------------------------------------ epilogue: dK, dV

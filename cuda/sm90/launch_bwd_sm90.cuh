@@ -1,5 +1,7 @@
-// Host side of the sm_90a backward: delta / lse2 preprocess (the sm_80 kernel's), then the dQ
-// kernel over (query tile, head, batch) and the dK/dV kernel over (key tile, kv head, batch).
+// Host side of the sm_90a backward: delta / lse2 preprocess (the sm_80 kernel's), then either the
+// dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc), or, in deterministic mode, the
+// dQ kernel over (query tile, head, batch) and the plain dK/dV kernel over (key tile, kv head,
+// batch).
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
 #include "../bwd_kernel.cuh"
@@ -53,13 +55,23 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.B) * p.T * p.N;
+  if (!p.deterministic && rows > 0) {
+    if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, rows * D * sizeof(float), stream);
+        e != cudaSuccess)
+      return e;
+  }
   if (rows > 0) {
     const int warps = 8;
     bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
-  return launch_dkdv<BwdDkvTraits<D, T>>(p, stream);
+  if (p.deterministic) {  // dQ by its own kernel, plain stores: bitwise reproducible
+    if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
+    return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
+  }
+  // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
+  // varies from run to run).
+  return launch_dkdv<BwdDkvTraits<D, T, true>>(p, stream);
 }
 
 }  // namespace jca::sm90

@@ -54,18 +54,21 @@ for H, dt in ((64, jnp.bfloat16), (128, jnp.float16)):
     sc = jnp.full((N,), 10.0, jnp.float32)
     do = jnp.asarray(rng.standard_normal((B, T, N, H)), dt)
 
-    def fb(sm90):
+    def fb(sm90, det=False):
         o, lse = _cuda.fwd(q, k, v, sc, None, None, ql, kl, causal=True, groups=1, bounded=True,
                            sm90=sm90)
         g = _cuda.bwd(do, q, k, v, o, lse, sc, None, None, ql, kl, causal=True, groups=1,
-                      bounded=True, need_dbias=False, deterministic=False, sm90=sm90)
+                      bounded=True, need_dbias=False, deterministic=det, sm90=sm90)
         return (o, lse) + tuple(g[:3])
 
-    r90 = jax.block_until_ready(fb(True))
+    r90 = jax.block_until_ready(fb(True))  # fused-dQ backward
+    r90_det = jax.block_until_ready(fb(True, det=True))  # dQ kernel + plain dK/dV kernel
     r80 = fb(False)
     assert np.array_equal(np.isneginf(np.asarray(r90[1])), np.isneginf(np.asarray(r80[1])))
     errs = []
-    for name, x, y in zip(("o", "lse", "dq_acc", "dk", "dv"), r90, r80):
+    pairs = list(zip(("o", "lse", "dq_acc", "dk", "dv"), r90, r80))
+    pairs += [("det " + n, x, y) for n, x, y in zip(("dq_acc", "dk", "dv"), r90_det[2:], r80[2:])]
+    for name, x, y in pairs:
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         fin = np.isfinite(y)
         assert np.array_equal(np.isfinite(x), fin), f"{name}: non-finite pattern differs"

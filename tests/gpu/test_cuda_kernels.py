@@ -368,15 +368,16 @@ def test_public_op_cuda_vs_xla(dtype, case):
 # ---------------------------------------------------------------- sm_90a kernels vs sm_80 kernels
 
 def _run_both(q, k, v, sc, do, **kw):
-    """Forward + backward through the sm_90a kernels (where they apply) and the sm_80 kernels."""
+    """Forward + backward through the sm_90a kernels (where they apply: the fused-dQ backward,
+    then the deterministic two-kernel one) and the sm_80 kernels."""
     outs = []
-    for sm90 in (True, False):
-        def f(q, k, v, sc, ql, kl, do, sm90=sm90):
+    for sm90, det in ((True, False), (True, True), (False, False)):
+        def f(q, k, v, sc, ql, kl, do, sm90=sm90, det=det):
             opts = dict(causal=kw["causal"], groups=kw.get("groups", 1),
                         bounded=kw.get("bounded", True), sm90=sm90)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, ql, kl, **opts)
             g = _cuda.bwd(do, q, k, v, o, lse, sc, None, None, ql, kl, need_dbias=False,
-                          deterministic=False, **opts)
+                          deterministic=det, **opts)
             return (o, lse) + tuple(g)
         outs.append(jax.jit(f)(q, k, v, jnp.asarray(sc, jnp.float32), kw.get("q_len"),
                                kw.get("kv_len"), do))
@@ -422,3 +423,21 @@ def test_sm90_paths(H, dtype, case):
         empty = np.isneginf(ref[1])
         assert np.all(np.asarray(res[0], np.float32).transpose(0, 2, 1, 3)[empty] == 0)
         assert np.all(np.asarray(res[2]).transpose(0, 2, 1, 3)[empty] == 0)
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_sm90_deterministic_backward_is_bitwise_reproducible(H):
+    """deterministic=True keeps the sm_90a backward free of reductions (dQ kernel + dK/dV kernel);
+    the default fused-dQ backward reduces into dq_acc and must still match it closely."""
+    rng = np.random.default_rng()
+    B, T, S, N, K = 2, 700, 900, 4, 2
+    q, k, v = make(rng, B, T, S, N, K, H, jnp.bfloat16)
+    do = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.bfloat16)
+    sc = np.full((N,), 10.0, np.float32)
+    det1, det2 = (run_kernel(q, k, v, sc, causal=True, do=do, deterministic=True)
+                  for _ in range(2))
+    for a, b in zip(det1, det2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fused = run_kernel(q, k, v, sc, causal=True, do=do, deterministic=False)
+    for a, b in zip(fused[2:5], det1[2:5]):
+        assert relerr(a, b) < TOL[jnp.bfloat16], relerr(a, b)
