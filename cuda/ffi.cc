@@ -7,6 +7,9 @@
 //   jca_cosattn_bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len)
 //       -> (dq_acc f32, dk, dv, dbias f32, workspace u8)
 //       attrs: causal: bool, groups: i64, bounded: bool, need_dbias: bool, deterministic: bool
+//   jca_l2norm_fwd(x) -> y            x [..., H] bf16/f16, y = l2norm(x) in x's dtype
+//   jca_l2norm_bwd(x, dy) -> dx       dx in x's dtype
+//       attrs: groups: i64, eps: f32   (see l2norm.h; jax_cosine_attention/_l2norm_op.py)
 // Absent optional operands (bias, mask, q_len, kv_len) and an unrequested dbias are zero-size
 // arrays of shape (0,).
 #include <array>
@@ -17,6 +20,7 @@
 #include <type_traits>
 
 #include "jca.h"
+#include "l2norm.h"
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -264,6 +268,65 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ fused l2norm
+
+// Rows and head dim of an l2norm operand x [..., H], checked against the kernel's coverage.
+ffi::Error L2NormShape(const ffi::AnyBuffer& x, int64_t groups, int64_t& rows, int& h,
+                       jca::DType& dtype) {
+  auto d = x.dimensions();
+  if (d.size() < 1) return Invalid("l2norm: x must have rank >= 1");
+  if (x.element_type() == ffi::BF16) dtype = jca::DType::kBF16;
+  else if (x.element_type() == ffi::F16) dtype = jca::DType::kF16;
+  else return Invalid("l2norm: dtype must be bf16 or f16 (others use the XLA path)");
+  const int64_t last = d[d.size() - 1];
+  if (!jca::L2NormSupported(last, groups))
+    return Invalid("l2norm: head dim " + std::to_string(last) + " with groups=" +
+                   std::to_string(groups) + " not served by the kernel; got x" + DimsStr(x));
+  h = int(last);
+  rows = 1;
+  for (size_t i = 0; i + 1 < d.size(); ++i) rows *= d[i];
+  return ffi::Error::Success();
+}
+
+ffi::Error L2NormFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                         int64_t groups, float eps) {
+  int64_t rows = 0;
+  int h = 0;
+  jca::DType dtype;
+  if (ffi::Error e = L2NormShape(x, groups, rows, h, dtype); e.failure()) return e;
+  if (!SameDims(*y, x) || y->element_type() != x.element_type())
+    return Invalid("l2norm: y must match x's shape and dtype");
+  if (rows == 0) return ffi::Error::Success();
+  if (PoisonOutputs())
+    if (cudaError_t e = Poison(y->untyped_data(), y->size_bytes(), stream); e != cudaSuccess)
+      return CudaErr("poison", e);
+  if (cudaError_t e = jca::LaunchL2NormFwd(dtype, x.untyped_data(), y->untyped_data(), rows, h,
+                                           int(groups), eps, stream);
+      e != cudaSuccess)
+    return CudaErr("l2norm fwd launch", e);
+  return ffi::Error::Success();
+}
+
+ffi::Error L2NormBwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                         ffi::Result<ffi::AnyBuffer> dx, int64_t groups, float eps) {
+  int64_t rows = 0;
+  int h = 0;
+  jca::DType dtype;
+  if (ffi::Error e = L2NormShape(x, groups, rows, h, dtype); e.failure()) return e;
+  if (!SameDims(dy, x) || dy.element_type() != x.element_type() || !SameDims(*dx, x) ||
+      dx->element_type() != x.element_type())
+    return Invalid("l2norm: dy and dx must match x's shape and dtype");
+  if (rows == 0) return ffi::Error::Success();
+  if (PoisonOutputs())
+    if (cudaError_t e = Poison(dx->untyped_data(), dx->size_bytes(), stream); e != cudaSuccess)
+      return CudaErr("poison", e);
+  if (cudaError_t e = jca::LaunchL2NormBwd(dtype, x.untyped_data(), dy.untyped_data(),
+                                           dx->untyped_data(), rows, h, int(groups), eps, stream);
+      e != cudaSuccess)
+    return CudaErr("l2norm bwd launch", e);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnFwd, FwdImpl,
@@ -314,6 +377,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
                                   .Attr<bool>("sm90"),  // may take the sm_90a kernel
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaL2NormFwd, L2NormFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("eps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaL2NormBwd, L2NormBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("eps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 template <typename Fn>
 nb::capsule Capsule(Fn* fn) {
   static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>);
@@ -325,11 +407,15 @@ NB_MODULE(_jca_cuda, m) {
     nb::dict d;
     d["jca_cosattn_fwd"] = Capsule(JcaCosAttnFwd);
     d["jca_cosattn_bwd"] = Capsule(JcaCosAttnBwd);
+    d["jca_l2norm_fwd"] = Capsule(JcaL2NormFwd);
+    d["jca_l2norm_bwd"] = Capsule(JcaL2NormBwd);
     return d;
   });
   m.def("bwd_workspace_bytes",
         [](int64_t B, int64_t N, int64_t T) { return jca::BwdWorkspaceBytes(B, N, T); });
   m.def("head_dim_supported", [](int d) { return jca::HeadDimSupported(d); });
+  m.def("l2norm_supported",
+        [](int64_t h, int64_t groups) { return jca::L2NormSupported(h, groups); });
   m.attr("sm90_built") = jca::Sm90KernelsBuilt();
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }

@@ -1,9 +1,11 @@
 """Public entry points: `cosine_sim_attention` and its `shard_map` wrapper."""
 
+import functools
+
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from . import _cuda, _ops, _ring
+from . import _cuda, _l2norm_op, _ops, _ring
 from ._checks import canonicalize
 from ._ops import Config, OPTIONALS, attention_core
 from .normalize import DEFAULT_EPS, l2norm
@@ -70,7 +72,6 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
                      query_seq_lengths=query_seq_lengths,
                      key_value_seq_lengths=key_value_seq_lengths, implementation=implementation)
     impl = _resolve_implementation(implementation, c)
-    q, k = (l2norm(c.q, groups, eps), l2norm(c.k, groups, eps)) if l2norm_qk else (c.q, c.k)
     optional = dict(zip(OPTIONALS, (c.bias, c.mask, c.q_len, c.kv_len)))
     cfg = Config(
         is_causal=bool(is_causal), groups=int(groups), bounded=bool(l2norm_qk),
@@ -84,6 +85,7 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
                                         c.k.shape[2])
     else:
         plan = _explicit_mesh_plan(c)
+    q, k = _normalize_qk(c, impl, groups, eps, l2norm_qk, plan if mesh is not None else None)
     ring = None
     if plan is not None and mesh is None:  # Explicit mesh, sequence sharded: ring attention
         ring = _ring.explicit_mesh_ring(plan, cfg, q, k)
@@ -95,6 +97,27 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
     else:
         out = _under_shard_map(plan, cfg, q, k, c)
     return out[0] if c.unbatched else out
+
+
+def _normalize_qk(c, impl, groups, eps, l2norm_qk, shard_plan):
+    """l2norm of q and k: on the CUDA path by the fused l2norm kernels (one pass forward, one
+    backward; `_l2norm_op.l2norm` falls back to `l2norm` where the kernel does not serve the
+    dtype/head dim). `shard_plan` (sharded_cosine_sim_attention): run it under the same
+    shard_map as the attention, where its custom_partitioning inlines (jax.export-friendly)."""
+    if not l2norm_qk:
+        return c.q, c.k
+    if impl != "cuda":
+        return l2norm(c.q, groups, eps), l2norm(c.k, groups, eps)
+    norm = functools.partial(_l2norm_op.l2norm, groups=groups, eps=eps)
+    if shard_plan is None:
+        return norm(c.q), norm(c.k)
+    mesh, b, hq, hk = shard_plan
+    out = []
+    for x, spec in ((c.q, P(b, None, hq, None)), (c.k, P(b, None, hk, None))):
+        if AxisType.Explicit in tuple(mesh.axis_types):
+            x = jax.sharding.reshard(x, spec)
+        out.append(jax.shard_map(norm, mesh=mesh, in_specs=spec, out_specs=spec)(x))
+    return tuple(out)
 
 
 def _explicit_mesh_plan(c):

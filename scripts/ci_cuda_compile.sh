@@ -23,11 +23,11 @@ so=$(ls "$BUILD"/_jca_cuda*.so)
 if grep -q "Registers are spilled" "$BUILD.build.log"; then
   echo "ci_cuda_compile: WARNING register spills (see above)"
 fi
-# The module must import and hand out both FFI capsules (CPU-only jax is fine: registration of
+# The module must import and hand out every FFI capsule (CPU-only jax is fine: registration of
 # platform="CUDA" targets is deferred).
 PYTHONPATH="$(dirname "$so")" "$PY" -c "
 import _jca_cuda as m
 r = m.registrations()
-assert set(r) == {'jca_cosattn_fwd', 'jca_cosattn_bwd'}, r
+assert set(r) == {'jca_cosattn_fwd', 'jca_cosattn_bwd', 'jca_l2norm_fwd', 'jca_l2norm_bwd'}, r
 print('ci_cuda_compile: ok, FFI API', m.ffi_api_version, 'sm_90a kernels', m.sm90_built)"
 echo "ci_cuda_compile: built $so in $(( $(date +%s) - t0 )) s"
