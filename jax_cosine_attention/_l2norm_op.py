@@ -14,9 +14,11 @@ derivative as jax autodiff of `normalize.l2norm` (see `cuda/l2norm.h`).
 
 `l2norm` falls back to `normalize.l2norm` for what the kernel does not serve (`kernel_supports`:
 dtype, head dim, group size). The public pure-JAX function stays `normalize.l2norm`.
+JCA_FUSED_L2NORM=0 (read when a call is traced) keeps the public op on the XLA l2norm (A/B).
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,11 @@ from .normalize import l2norm as xla_l2norm
 FWD_TARGET = "jca_l2norm_fwd"
 BWD_TARGET = "jca_l2norm_bwd"
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def enabled():
+    """Whether the public op's CUDA path uses this op (JCA_FUSED_L2NORM=0: XLA's l2norm)."""
+    return os.environ.get("JCA_FUSED_L2NORM", "1") != "0"
 
 
 def kernel_supports(h, groups, dtype):
