@@ -32,8 +32,9 @@ struct BwdDkvTraits {
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
-  // 32*128 + 240*256 = 64K (the fused variant's producer warp spills at 24)
-  static constexpr int kProducerRegs = FuseDq_ ? 32 : 24, kConsumerRegs = 240;
+  // 24*128 + 240*256 = what the launch's 168*384 frees and takes: setmaxnreg.inc of the consumers
+  // spins forever unless the producer gives back at least that much (32 here hangs the CTA).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   using SplitM = Layout<Shape<_2, _1, _1>>;  // warpgroups own 64 key rows each
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
