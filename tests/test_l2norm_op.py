@@ -56,6 +56,14 @@ def _same(a, b):
     np.testing.assert_allclose(a, b, rtol=ulp, atol=0)
 
 
+def _close(a, b):
+    """Norm-wise: compositions (vmap of grad of a nonlinear loss, scan) amplify a one-ulp
+    difference of y through the cancellation in dx = (dy - y<y,dy>) / n."""
+    ulp = float(jnp.finfo(jnp.asarray(b).dtype).eps)
+    a, b = np.asarray(jnp.asarray(a, jnp.float64)), np.asarray(jnp.asarray(b, jnp.float64))
+    assert np.all(np.isfinite(a)) and np.linalg.norm(a - b) <= 2 * ulp * np.linalg.norm(b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape,groups", [((2, 5, 3, 64), 1), ((2, 5, 3, 64), 4),
                                           ((7, 96), 3), ((3, 2, 128), 32), ((4, 4, 16), 16)])
@@ -95,8 +103,8 @@ def test_vmap(rng, cuda_traced, groups):
 
     def loss(fn):
         return lambda x: jnp.sum(fn(x, groups).astype(jnp.float32) ** 3)
-    _same(jax.jit(jax.vmap(jax.grad(loss(_l2norm_op.l2norm))))(x),
-          jax.vmap(jax.grad(loss(normalize.l2norm)))(x))
+    _close(jax.jit(jax.vmap(jax.grad(loss(_l2norm_op.l2norm))))(x),
+           jax.vmap(jax.grad(loss(normalize.l2norm)))(x))
     # nested vmap, and per-example cotangents against an unbatched x (x broadcast in the rule)
     nested = jax.vmap(jax.vmap(lambda x: _l2norm_op.l2norm(x, groups)))
     _same(jax.jit(nested)(x), normalize.l2norm(x, groups))
@@ -112,7 +120,7 @@ def test_checkpoint_and_scan(rng, cuda_traced):
         def step(c, _):
             return jax.checkpoint(lambda c: fn(c * 1.5, 2))(c), None
         return lambda x: jnp.sum(jax.lax.scan(step, x, None, length=3)[0].astype(jnp.float32) ** 2)
-    _same(jax.jit(jax.grad(body(_l2norm_op.l2norm)))(x), jax.jit(jax.grad(body(normalize.l2norm)))(x))
+    _close(jax.jit(jax.grad(body(_l2norm_op.l2norm)))(x), jax.jit(jax.grad(body(normalize.l2norm)))(x))
 
 
 def test_unserved_inputs_fall_back(rng, monkeypatch):
