@@ -3,15 +3,14 @@
 // registers and are stored once.
 //   warpgroup 0    producer warp: TMA of K and V once, then Q and dO tiles into a 2-stage ring;
 //                  its lanes stage the tile's lse2 and delta rows next to them in smem.
-//                  With FuseDq, warp 1 is the dQ writer: bulk reduce-add of each step's dQ tile
-//                  (f32, staged in smem) into the zeroed dq_acc.
 //   warpgroups 1-2 64 keys each. Per query tile:
 //                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
 //                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
 //                  P and dS from registers).
 //                  With FuseDq (FA3's 5-product backward) each also stores its dS half to smem;
-//                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) goes
-//                  to smem for the writer. Without it (deterministic mode) dQ is the separate,
+//                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) is
+//                  staged in smem and each warp bulk reduce-adds its 16 rows into the zeroed
+//                  dq_acc. Without it (deterministic mode) dQ is the separate,
 //                  forward-shaped kernel of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
@@ -151,33 +150,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
 
   // ------------------------------------------------------------------ producer warp
-  // Named barriers of the fused dQ: both dS halves stored; dQ tile staged; dQ tile read out.
-  constexpr int kBarPdS = 1, kBarDqReady = 2, kBarDqFree = 3;
-  constexpr int kDqSync = Tr::kConsumerThreads + 32;
+  constexpr int kBarPdS = 1;  // fused dQ: both warpgroups' dS halves are in smem
 
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if constexpr (Tr::kFuseDq) {
-      if (threadIdx.x / 32 == 1) {  // the dQ writer warp
-        const int lane = threadIdx.x % 32;
-        for (int step = 0; step < steps; ++step) {
-          const int n = kh * p.hpk + step / mtiles;
-          const int m = m_begin + step % mtiles;
-          named_bar_sync(kBarDqReady, kDqSync);
-          for (int r = lane; r < BM; r += 32) {
-            const int t = m * BM + r;
-            if (t < p.T)
-              bulk_reduce_add_f32(p.dq_acc + ((int64_t(b) * p.T + t) * p.N + n) * D,
-                                  ss.fused.dq + r * Tr::kDqPitch, D * sizeof(float));
-          }
-          tma_store_arrive();
-          tma_store_wait<0>();  // the staged tile has been read: the consumers may refill it
-          if (step + 1 < steps) named_bar_arrive(kBarDqFree, kDqSync);
-        }
-        bulk_wait_all();
-        return;
-      }
-    }
     if (threadIdx.x / 32 != 0 || steps == 0) return;
     const int lane = threadIdx.x % 32;
     const bool leader = lane == 0;
@@ -320,19 +296,31 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
       warpgroup_wait<0>();
       EmptyBar::arrive(&ss.q_empty[st]);
-      if (step > 0) named_bar_sync(kBarDqFree, kDqSync);  // the writer has read the last tile
+      // Each warp owns 16 rows of its warpgroup's D-half of the tile: it stages them in smem and
+      // its lanes bulk reduce-add one row each into dq_acc (no cross-warp hand-over).
+      tma_store_wait<0>();  // this lane's bulk copy of the last step has read its smem row,
+      __syncwarp();         // and so have the other lanes' (whose rows this lane rewrites)
       Tensor sdQ = make_tensor(make_smem_ptr(ss.fused.dq), typename Tr::SmemLayoutdQ{});
       Tensor tdQsdQ = thr_dq.partition_C(sdQ);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tdQrdQ); i += 2)
         *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
-      cutlass::arch::fence_view_async_shared();  // st.shared -> the writer's bulk copy
-      named_bar_arrive(kBarDqReady, kDqSync);
+      cutlass::arch::fence_view_async_shared();  // st.shared -> the bulk copies (async proxy)
+      __syncwarp();
+      const int lane = ctid % 32;
+      const int r = (ctid % 128) / 32 * 16 + lane;
+      const int t = t0 + r, col0 = (ctid / 128) * (D / 2);
+      if (lane < 16 && t < p.T)
+        bulk_reduce_add_f32(p.dq_acc + ((int64_t(b) * p.T + t) * p.N + n) * D + col0,
+                            ss.fused.dq + r * Tr::kDqPitch + col0, D / 2 * sizeof(float));
+      tma_store_arrive();
     } else {
       warpgroup_wait<0>();
       EmptyBar::arrive(&ss.q_empty[st]);
     }
   }
+
+  if constexpr (Tr::kFuseDq) bulk_wait_all();  // smem rows stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
   const int64_t krow = int64_t(p.KH) * D;
