@@ -8,6 +8,8 @@ Paths (all include the l2norm of q and k, scale 10):
   kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc); on an
               sm_90 device they take the sm_90a (TMA + wgmma) kernels where those apply
   kernel_sm80 the same with the portable sm_80 kernels forced (A/B against `kernel`)
+  kernel_det  `kernel` with deterministic=True (sm_90a: the dQ kernel + plain dK/dV kernel instead
+              of the fused-dQ backward)
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
   pallas_mgpu jax.experimental.pallas.ops.gpu.attention_mgpu (Hopper Mosaic GPU kernel) on
@@ -77,24 +79,24 @@ def make_fwd(path, causal):
         return lambda q, k, v: mg.attention(
             (l2n(q).astype(jnp.float32) * SCALE).astype(f16), l2n(k).astype(f16), v.astype(f16),
             cfg).astype(q.dtype)
-    if path in ("kernel", "kernel_sm80"):  # inputs are pre-normalised by the caller
+    if path in ("kernel", "kernel_sm80", "kernel_det"):  # inputs pre-normalised by the caller
         def f(q, k, v):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
-                             bounded=True, sm90=path == "kernel")[0]
+                             bounded=True, sm90=path != "kernel_sm80")[0]
         return f
     raise ValueError(path)
 
 
 def make_fn(path, mode, causal):
-    if path in ("kernel", "kernel_sm80") and mode == "fwd+bwd":
+    if path in ("kernel", "kernel_sm80", "kernel_det") and mode == "fwd+bwd":
         def fb(q, k, v, do):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
                                bounded=True, sm90=path == "kernel")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
-                             groups=1, bounded=True, need_dbias=False, deterministic=False,
-                             sm90=path == "kernel")[:3]
+                             groups=1, bounded=True, need_dbias=False,
+                             deterministic=path == "kernel_det", sm90=path != "kernel_sm80")[:3]
         return jax.jit(fb)
     fwd = make_fwd(path, causal)
     if mode == "fwd":
@@ -158,7 +160,7 @@ def main(argv=None):
             configs.append((a.batch, N, D, a.paths))
         for N in a.long:
             configs.append((1, N, D, [p for p in a.paths
-                                      if p in ("cuda", "kernel", "kernel_sm80", "cudnn")]))
+                                      if p in ("cuda", "kernel", "kernel_sm80", "kernel_det", "cudnn")]))
     jobs = [(B, N, D, p, m) for (B, N, D, paths) in configs for m in modes for p in paths]
 
     results = []
