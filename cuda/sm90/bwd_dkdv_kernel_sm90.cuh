@@ -9,8 +9,8 @@
 //                  P and dS from registers).
 //                  With FuseDq (FA3's 5-product backward) each also stores its dS half to smem;
 //                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) is
-//                  staged in smem and each warp bulk reduce-adds its 16 rows into the zeroed
-//                  dq_acc. Without it (deterministic mode) dQ is the separate,
+//                  staged in smem and each warp TMA reduce-adds its 16 x D/2 block into the
+//                  zeroed dq_acc. Without it (deterministic mode) dQ is the separate,
 //                  forward-shaped kernel of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
@@ -73,15 +73,20 @@ struct BwdDkvTraits {
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BM>, _2>{}, Step<_2, _1, _3>{})));
   using SmemLayoutKt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
-  static constexpr int kDqPitch = D + 4;  // f32 row pitch of the staged dQ tile (bank spread)
-  using SmemLayoutdQ = Layout<Shape<Int<BM>, Int<D>>, Stride<Int<kDqPitch>, _1>>;
+  // Each consumer warp owns 16 rows x D/2 columns of the dQ tile (wgmma accumulator layout) and
+  // reduce-adds them into dq_acc with one TMA, from a 128B-swizzled f32 staging tile.
+  using SmemLayoutdQw =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<_16, Int<D / 2>>{}));
+  static constexpr int kDqWarpFloats = 16 * (D / 2);
+  using TmaDq = decltype(make_tma_copy(SM90_TMA_REDUCE_ADD{}, GTensor<float, D>{},
+                                       SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}));
   struct DqStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(16) float dq[BM * kDqPitch];
+    alignas(1024) cute::array_aligned<float, 8 * kDqWarpFloats> dq;  // 8 consumer warps
   };
   struct NoStorage {  // the plain kernel: placeholders that are never accessed
     cute::array_aligned<Element, 8> ds;
-    float dq[4];
+    cute::array_aligned<float, 4> dq;
   };
 
   struct SharedStorage {
@@ -101,6 +106,7 @@ template <class Tr>
 struct BwdDkvArgs {
   typename Tr::TmaQ tma_q, tma_do;
   typename Tr::TmaKV tma_k, tma_v;
+  typename Tr::TmaDq tma_dq;  // FuseDq only (a copy with a null tensor otherwise)
   Params p;
 };
 
@@ -296,31 +302,44 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
       warpgroup_wait<0>();
       EmptyBar::arrive(&ss.q_empty[st]);
-      // Each warp owns 16 rows of its warpgroup's D-half of the tile: it stages them in smem and
-      // its lanes bulk reduce-add one row each into dq_acc (no cross-warp hand-over).
-      tma_store_wait<0>();  // this lane's bulk copy of the last step has read its smem row,
-      __syncwarp();         // and so have the other lanes' (whose rows this lane rewrites)
-      Tensor sdQ = make_tensor(make_smem_ptr(ss.fused.dq), typename Tr::SmemLayoutdQ{});
-      Tensor tdQsdQ = thr_dq.partition_C(sdQ);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tdQrdQ); i += 2)
-        *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
-      cutlass::arch::fence_view_async_shared();  // st.shared -> the bulk copies (async proxy)
+      // Each warp owns 16 rows of its warpgroup's D-half of the tile (rows lane/4 + 8h, columns
+      // 8j + 2 (lane%4) + e of the accumulator): staged in smem, one TMA reduce-add per warp.
+      const int lane = ctid % 32, wi = (ctid % 128) / 32, half = ctid / 128;
+      Tensor sW = make_tensor(
+          make_smem_ptr(ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats),
+          typename Tr::SmemLayoutdQw{});
+      if (lane == 0) tma_store_wait<0>();  // the warp's last reduce has read the staging tile
       __syncwarp();
-      const int lane = ctid % 32;
-      const int r = (ctid % 128) / 32 * 16 + lane;
-      const int t = t0 + r, col0 = (ctid / 128) * (D / 2);
-      if (lane < 16 && t < p.T)
-        bulk_reduce_add_f32(p.dq_acc + ((int64_t(b) * p.T + t) * p.N + n) * D + col0,
-                            ss.fused.dq + r * Tr::kDqPitch + col0, D / 2 * sizeof(float));
-      tma_store_arrive();
+      {
+        // &sW(row, col) by hand (CuTe's version keeps 16 addresses live and spills): 8 x 32-float
+        // swizzle atoms, atom rows first; 16-byte chunk index XOR row % 8 (checked against the
+        // addresses of CuTe's swizzled smem tensor on the host).
+        float* w = ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tdQrdQ); i += 2) {
+          const int h = (i >> 1) & 1, j = i >> 2;
+          const int chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
+          float* dst = w + h * 256 + (j / 4) * 512 + (lane / 4) * 32 + chunk * 4 + 2 * (lane % 2);
+          *reinterpret_cast<float2*>(dst) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
+        }
+      }
+      cutlass::arch::fence_view_async_shared();  // st.shared -> the TMA (async proxy)
+      __syncwarp();
+      if (lane == 0) {
+        Tensor mDq = args.tma_dq.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+        Tensor gW = local_tile(mDq(_, _, n, b), Shape<_16, Int<D / 2>>{},
+                               make_coord(t0 / 16 + wi, half));
+        auto tma = args.tma_dq.get_slice(_0{});
+        copy(args.tma_dq, tma.partition_S(sW), tma.partition_D(gW));
+        tma_store_arrive();
+      }
     } else {
       warpgroup_wait<0>();
       EmptyBar::arrive(&ss.q_empty[st]);
     }
   }
 
-  if constexpr (Tr::kFuseDq) bulk_wait_all();  // smem rows stay valid until read
+  if constexpr (Tr::kFuseDq) bulk_wait_all();  // staging tiles stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
   const int64_t krow = int64_t(p.KH) * D;

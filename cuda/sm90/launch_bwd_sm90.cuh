@@ -46,6 +46,9 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_REDUCE_ADD{},
+                    gmem_rows_view<float, D>(p.dq_acc, p.T, p.N, p.B),
+                    typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}),
       p};
   return launch_big_smem(bwd_dkdv_kernel_sm90<Tr>, args,
                          dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
