@@ -13,6 +13,7 @@ the l2norm rows (bytes the one-pass kernels must move: fwd 2|x|, fwd+bwd 2|x| + 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -42,6 +43,17 @@ def bench(fn, args, budget_s=1.0):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times) * 1e3
+
+
+def entry_kernels(compiled):
+    """Fusions and custom calls in the compiled ENTRY computation (~ kernels launched), with the
+    fusion kinds: how many passes XLA makes."""
+    txt = compiled.as_text()
+    entry = txt[txt.find("ENTRY"):]
+    entry = entry[:entry.find("\n}")]
+    calls = re.findall(r"= [^\n]*?\b(fusion|custom-call)\(", entry)
+    kinds = re.findall(r"\bfusion\([^\n]*?kind=(k\w+)", entry)
+    return len(calls), kinds
 
 
 def l2norm_fns(impl, groups):
@@ -77,6 +89,7 @@ def main(argv=None):
     card = getattr(dev, "device_kind", str(dev))
     print(f"card: {card}; jax {jax.__version__}; cuda kernels available: {_cuda.AVAILABLE}",
           flush=True)
+    rows_env = os.environ.get("JCA_L2NORM_ROWS", "default")
     rng = np.random.default_rng(0)
     results = []
     for s in a.shapes:
@@ -88,9 +101,11 @@ def main(argv=None):
                 compiled = fn.lower(x, dy).compile()
                 ms = bench(compiled, (x, dy))
                 moved = (2 if mode == "fwd" else 5) * nbytes
+                n_kernels, kinds = entry_kernels(compiled)
                 results.append(dict(what="l2norm", impl=impl, mode=mode, shape=shape,
                                     groups=a.groups, dtype=a.dtype, ms=ms,
-                                    gbps=moved / (ms * 1e-3) / 1e9, card=card))
+                                    gbps=moved / (ms * 1e-3) / 1e9, kernels=n_kernels,
+                                    fusion_kinds=kinds, rows_per_team=rows_env, card=card))
         if a.no_public or len(shape) != 4:
             continue
         q, k, v, do = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
@@ -106,20 +121,24 @@ def main(argv=None):
                                     ms=ms, l2norm_custom_calls=n_l2, card=card))
         os.environ.pop("JCA_FUSED_L2NORM", None)
 
-    lines = [f"card: {card}, dtype {a.dtype}, groups {a.groups}",
-             "| what | shape | mode | XLA l2norm ms | fused ms | speed-up | fused GB/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"card: {card}, dtype {a.dtype}, groups {a.groups}, JCA_L2NORM_ROWS={rows_env}",
+             "| what | shape | mode | XLA l2norm ms | fused ms | speed-up | fused GB/s | kernels XLA/fused |",
+             "|---|---|---|---|---|---|---|---|"]
     idx = {(r["what"], r["shape"], r["mode"], r["impl"]): r for r in results}
     for (what, shape, mode, impl), r in idx.items():
         if impl != "fused":
             continue
         base = idx[(what, shape, mode, "xla")]
         gb = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        kn = f"{base['kernels']}/{r['kernels']}" if "kernels" in r else ""
         lines.append(f"| {what} | {'x'.join(map(str, shape))} | {mode} | {base['ms']:.4f} | "
-                     f"{r['ms']:.4f} | {base['ms'] / r['ms']:.2f}x | {gb} |")
+                     f"{r['ms']:.4f} | {base['ms'] / r['ms']:.2f}x | {gb} | {kn} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(a.out, exist_ok=True)
+    for r in results:
+        if r["what"] == "l2norm" and r["impl"] == "xla":
+            print("XLA", r["mode"], "x".join(map(str, r["shape"])), "fusion kinds:", r["fusion_kinds"])
     with open(os.path.join(a.out, f"bench_l2norm_{a.dtype}.json"), "w") as fh:
         json.dump(dict(card=card, jax=jax.__version__, argv=sys.argv[1:], results=results), fh,
                   indent=1)

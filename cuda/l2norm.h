@@ -22,7 +22,8 @@ namespace jca {
 bool L2NormSupported(int64_t h, int64_t groups);
 
 // Enqueue only on `stream`; no allocation, no synchronisation (CUDA-graph safe). Pointers must
-// be 16-byte aligned. rows == 0 enqueues nothing.
+// be 16-byte aligned. rows == 0 enqueues nothing. One pass: a team of up to 32 lanes per row,
+// 16-byte loads, 2 rows per team by default (JCA_L2NORM_ROWS=1|2|4, read once, overrides it).
 cudaError_t LaunchL2NormFwd(DType dtype, const void* x, void* y, int64_t rows, int h, int groups,
                             float eps, cudaStream_t stream);
 cudaError_t LaunchL2NormBwd(DType dtype, const void* x, const void* dy, void* dx, int64_t rows,

@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <cstdlib>
 
 #include "l2norm.h"
 
@@ -18,6 +20,7 @@ namespace jca {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kDefaultRows = 2;  // rows per team (see RowsPerTeam)
 constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T>
@@ -99,92 +102,133 @@ __device__ __forceinline__ float group_sum(float p, int tpg, int tg, int lane) {
   return __shfl_sync(kFull, p, lane - tg);
 }
 
-// n = sqrt(max(sumsq, eps^2)) with jnp.maximum's NaN propagation.
+// max(sumsq, eps^2) with jnp.maximum's NaN propagation.
 __device__ __forceinline__ float clamp_sq(float sumsq, float eps2) {
   return sumsq < eps2 ? eps2 : sumsq;
 }
 
-template <typename T, int VPT>
+// Each team of 2^tpr_log2 lanes handles ROWS rows, kThreads >> tpr_log2 rows apart (so that each
+// of the ROWS steps of a warp touches contiguous memory); all loads are issued before any math.
+// SMALL: groups of fewer than E elements (inside one lane, per-element norms); otherwise each
+// lane sums its E squares and the group's lanes add their partial sums (group_sum), and the
+// row is scaled by one reciprocal per group.
+template <typename T, int VPT, int ROWS, bool SMALL>
 __global__ void __launch_bounds__(kThreads)
     l2norm_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int h,
                       int tpr_log2, int gsize, float eps2) {
   constexpr int E = 8 * VPT;
   const int lane = threadIdx.x & 31;
   const int t = lane & ((1 << tpr_log2) - 1);
-  const int64_t row = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> tpr_log2;
-  const bool active = row < rows && t * E < h;
-  const int64_t off = row * h + int64_t(t) * E;
+  const int teams = kThreads >> tpr_log2;
+  const int64_t base = int64_t(blockIdx.x) * teams * ROWS + (threadIdx.x >> tpr_log2);
+  const bool col_ok = t * E < h;
+  const int tpg = SMALL ? 1 : gsize / E;
+  const int tg = SMALL ? 0 : t % tpg;
 
-  float v[E];
-  if (active) {
-    load_row_chunk<T, VPT>(x + off, v);
-  } else {
+  float v[ROWS][E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) v[j] = 0.f;
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t row = base + int64_t(i) * teams;
+    if (col_ok && row < rows) {
+      load_row_chunk<T, VPT>(x + row * h + int64_t(t) * E, v[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[i][j] = 0.f;
+    }
   }
-  float s[E];
 #pragma unroll
-  for (int j = 0; j < E; ++j) s[j] = v[j] * v[j];
-  butterfly<E>(s, gsize);
-  if (gsize > E) {  // the group spans tpg lanes: s[0] is this lane's partial sum
-    const int tpg = gsize / E;
-    const float tot = group_sum(s[0], tpg, t % tpg, lane);
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t row = base + int64_t(i) * teams;
+    if (SMALL) {
+      float s[E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) s[j] = tot;
+      for (int j = 0; j < E; ++j) s[j] = v[i][j] * v[i][j];
+      butterfly<E>(s, gsize);
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[i][j] = v[i][j] / sqrtf(clamp_sq(s[j], eps2));
+    } else {
+      float part = 0.f;
+#pragma unroll
+      for (int j = 0; j < E; ++j) part = fmaf(v[i][j], v[i][j], part);
+      if (tpg > 1) part = group_sum(part, tpg, tg, lane);
+      const float inv = 1.f / sqrtf(clamp_sq(part, eps2));
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[i][j] *= inv;
+    }
+    if (col_ok && row < rows) store_row_chunk<T, VPT>(y + row * h + int64_t(t) * E, v[i]);
   }
-  if (!active) return;
-#pragma unroll
-  for (int j = 0; j < E; ++j) v[j] = v[j] / sqrtf(clamp_sq(s[j], eps2));
-  store_row_chunk<T, VPT>(y + off, v);
 }
 
-template <typename T, int VPT>
+// dx = dy / n - c x <x,dy> / n^3 with c the share of max(sumsq, eps^2)'s gradient that reaches
+// sumsq (jnp.maximum: 1/2 at a tie): per group a = 1/n, b = c <x,dy> / n^3, dx = a dy - b x.
+__device__ __forceinline__ void bwd_coeffs(float sumsq, float dot, float eps2, float& a,
+                                           float& b) {
+  a = 1.f / sqrtf(clamp_sq(sumsq, eps2));
+  const float c = sumsq > eps2 ? 1.f : (sumsq == eps2 ? 0.5f : 0.f);
+  b = c * dot * (a * a * a);
+}
+
+template <typename T, int VPT, int ROWS, bool SMALL>
 __global__ void __launch_bounds__(kThreads)
     l2norm_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                       int64_t rows, int h, int tpr_log2, int gsize, float eps2) {
   constexpr int E = 8 * VPT;
   const int lane = threadIdx.x & 31;
   const int t = lane & ((1 << tpr_log2) - 1);
-  const int64_t row = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> tpr_log2;
-  const bool active = row < rows && t * E < h;
-  const int64_t off = row * h + int64_t(t) * E;
+  const int teams = kThreads >> tpr_log2;
+  const int64_t base = int64_t(blockIdx.x) * teams * ROWS + (threadIdx.x >> tpr_log2);
+  const bool col_ok = t * E < h;
+  const int tpg = SMALL ? 1 : gsize / E;
+  const int tg = SMALL ? 0 : t % tpg;
 
-  float v[E], d[E];
-  if (active) {
-    load_row_chunk<T, VPT>(x + off, v);
-    load_row_chunk<T, VPT>(dy + off, d);
-  } else {
+  float v[ROWS][E], d[ROWS][E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) v[j] = d[j] = 0.f;
-  }
-  float s[E], p[E];
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t row = base + int64_t(i) * teams;
+    if (col_ok && row < rows) {
+      load_row_chunk<T, VPT>(x + row * h + int64_t(t) * E, v[i]);
+      load_row_chunk<T, VPT>(dy + row * h + int64_t(t) * E, d[i]);
+    } else {
 #pragma unroll
-  for (int j = 0; j < E; ++j) {
-    s[j] = v[j] * v[j];
-    p[j] = v[j] * d[j];
-  }
-  butterfly<E>(s, gsize);
-  butterfly<E>(p, gsize);
-  if (gsize > E) {
-    const int tpg = gsize / E, tg = t % tpg;
-    const float ts = group_sum(s[0], tpg, tg, lane);
-    const float tp = group_sum(p[0], tpg, tg, lane);
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      s[j] = ts;
-      p[j] = tp;
+      for (int j = 0; j < E; ++j) v[i][j] = d[i][j] = 0.f;
     }
   }
-  if (!active) return;
 #pragma unroll
-  for (int j = 0; j < E; ++j) {
-    // y = x / n; dy/dx = (dy - c y <y,dy>) / n = dy / n - c x <x,dy> / n^3, where c is the
-    // share of max(sumsq, eps^2)'s gradient that reaches sumsq (jnp.maximum: 1/2 at a tie).
-    const float n = sqrtf(clamp_sq(s[j], eps2));
-    const float c = s[j] > eps2 ? 1.f : (s[j] == eps2 ? 0.5f : 0.f);
-    d[j] = d[j] / n - v[j] * (c * p[j] / (n * n * n));
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t row = base + int64_t(i) * teams;
+    if (SMALL) {
+      float s[E], p[E];
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        s[j] = v[i][j] * v[i][j];
+        p[j] = v[i][j] * d[i][j];
+      }
+      butterfly<E>(s, gsize);
+      butterfly<E>(p, gsize);
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        float a, b;
+        bwd_coeffs(s[j], p[j], eps2, a, b);
+        d[i][j] = fmaf(-b, v[i][j], a * d[i][j]);
+      }
+    } else {
+      float ss = 0.f, pp = 0.f;
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        ss = fmaf(v[i][j], v[i][j], ss);
+        pp = fmaf(v[i][j], d[i][j], pp);
+      }
+      if (tpg > 1) {
+        ss = group_sum(ss, tpg, tg, lane);
+        pp = group_sum(pp, tpg, tg, lane);
+      }
+      float a, b;
+      bwd_coeffs(ss, pp, eps2, a, b);
+#pragma unroll
+      for (int j = 0; j < E; ++j) d[i][j] = fmaf(-b, v[i][j], a * d[i][j]);
+    }
+    if (col_ok && row < rows) store_row_chunk<T, VPT>(dx + row * h + int64_t(t) * E, d[i]);
   }
-  store_row_chunk<T, VPT>(dx + off, d);
 }
 
 int Vpt(int64_t h) { return h <= 256 ? 1 : (h <= 512 ? 2 : 4); }
@@ -195,8 +239,19 @@ int Log2Ceil(int64_t v) {
   return k;
 }
 
+// Rows per team (JCA_L2NORM_ROWS=1|2|4 overrides, read once; a tuning knob for benchmarks).
+int RowsPerTeam() {
+  static const int r = [] {
+    const char* e = std::getenv("JCA_L2NORM_ROWS");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 1 || v == 2 || v == 4) ? v : kDefaultRows;
+  }();
+  return r;
+}
+
 struct Geometry {
-  int vpt, tpr_log2, gsize;
+  int vpt, tpr_log2, gsize, rows_per_team;
+  bool small;
   unsigned blocks;
 };
 
@@ -205,30 +260,62 @@ Geometry Geom(int64_t rows, int h, int groups) {
   g.vpt = Vpt(h);
   g.tpr_log2 = Log2Ceil(h / (8 * g.vpt));
   g.gsize = h / groups;
-  const int64_t rows_per_block = kThreads >> g.tpr_log2;
+  g.small = g.gsize < 8 * g.vpt;
+  // at most 4 vectors of x per lane and row set (more spills registers in the backward)
+  g.rows_per_team = g.small ? 1 : std::min(RowsPerTeam(), 4 / g.vpt);
+  const int64_t rows_per_block = int64_t(kThreads >> g.tpr_log2) * g.rows_per_team;
   g.blocks = unsigned((rows + rows_per_block - 1) / rows_per_block);
   return g;
 }
 
-// One block per kThreads >> tpr_log2 rows; gridDim.x <= 2^31 - 1.
+// One block per (kThreads >> tpr_log2) teams; gridDim.x <= 2^31 - 1 at one row per team.
 int64_t MaxRows(int h) {
   return ((int64_t(1) << 31) - 1) * (kThreads >> Log2Ceil(h / (8 * Vpt(h))));
 }
 
 bool Aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+template <typename T, int VPT, int ROWS, bool SMALL>
+void FwdAt(const Geometry& g, const void* x, void* y, int64_t rows, int h, float eps2,
+           cudaStream_t stream) {
+  l2norm_fwd_kernel<T, VPT, ROWS, SMALL><<<g.blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<T*>(y), rows, h, g.tpr_log2, g.gsize, eps2);
+}
+
+template <typename T, int VPT, int ROWS, bool SMALL>
+void BwdAt(const Geometry& g, const void* x, const void* dy, void* dx, int64_t rows, int h,
+           float eps2, cudaStream_t stream) {
+  l2norm_bwd_kernel<T, VPT, ROWS, SMALL><<<g.blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx), rows, h,
+      g.tpr_log2, g.gsize, eps2);
+}
+
+// The (VPT, ROWS, SMALL) instance for the geometry: LAUNCH(V, R, S) is invoked once.
+#define JCA_L2NORM_DISPATCH(g, LAUNCH)                          \
+  do {                                                          \
+    if ((g).vpt == 1) {                                         \
+      if ((g).small) LAUNCH(1, 1, true);                        \
+      else if ((g).rows_per_team == 1) LAUNCH(1, 1, false);     \
+      else if ((g).rows_per_team == 2) LAUNCH(1, 2, false);     \
+      else LAUNCH(1, 4, false);                                 \
+    } else if ((g).vpt == 2) {                                  \
+      if ((g).small) LAUNCH(2, 1, true);                        \
+      else if ((g).rows_per_team == 1) LAUNCH(2, 1, false);     \
+      else LAUNCH(2, 2, false);                                 \
+    } else {                                                    \
+      if ((g).small) LAUNCH(4, 1, true);                        \
+      else LAUNCH(4, 1, false);                                 \
+    }                                                           \
+  } while (0)
+
 template <typename T>
 cudaError_t Fwd(const void* x, void* y, int64_t rows, int h, int groups, float eps,
                 cudaStream_t stream) {
   const Geometry g = Geom(rows, h, groups);
   const float eps2 = eps * eps;
-  const T* xp = static_cast<const T*>(x);
-  T* yp = static_cast<T*>(y);
-  switch (g.vpt) {
-    case 1: l2norm_fwd_kernel<T, 1><<<g.blocks, kThreads, 0, stream>>>(xp, yp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-    case 2: l2norm_fwd_kernel<T, 2><<<g.blocks, kThreads, 0, stream>>>(xp, yp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-    default: l2norm_fwd_kernel<T, 4><<<g.blocks, kThreads, 0, stream>>>(xp, yp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-  }
+#define JCA_FWD(V, R, S) FwdAt<T, V, R, S>(g, x, y, rows, h, eps2, stream)
+  JCA_L2NORM_DISPATCH(g, JCA_FWD);
+#undef JCA_FWD
   return cudaGetLastError();
 }
 
@@ -237,14 +324,9 @@ cudaError_t Bwd(const void* x, const void* dy, void* dx, int64_t rows, int h, in
                 float eps, cudaStream_t stream) {
   const Geometry g = Geom(rows, h, groups);
   const float eps2 = eps * eps;
-  const T* xp = static_cast<const T*>(x);
-  const T* dyp = static_cast<const T*>(dy);
-  T* dxp = static_cast<T*>(dx);
-  switch (g.vpt) {
-    case 1: l2norm_bwd_kernel<T, 1><<<g.blocks, kThreads, 0, stream>>>(xp, dyp, dxp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-    case 2: l2norm_bwd_kernel<T, 2><<<g.blocks, kThreads, 0, stream>>>(xp, dyp, dxp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-    default: l2norm_bwd_kernel<T, 4><<<g.blocks, kThreads, 0, stream>>>(xp, dyp, dxp, rows, h, g.tpr_log2, g.gsize, eps2); break;
-  }
+#define JCA_BWD(V, R, S) BwdAt<T, V, R, S>(g, x, dy, dx, rows, h, eps2, stream)
+  JCA_L2NORM_DISPATCH(g, JCA_BWD);
+#undef JCA_BWD
   return cudaGetLastError();
 }
 

@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import oracle  # noqa: E402
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-ULP = {jnp.dtype(jnp.bfloat16): 2.0 ** -8, jnp.dtype(jnp.float16): 2.0 ** -11}
+# Largest relative error of one rounding to the dtype (half a unit in the last place at the bottom
+# of a binade), with a little room for the f32 math before it.
+ULP = {jnp.dtype(jnp.bfloat16): 1.01 * 2.0 ** -8, jnp.dtype(jnp.float16): 1.01 * 2.0 ** -11}
 TINY = {jnp.dtype(jnp.bfloat16): 1e-30, jnp.dtype(jnp.float16): 2.0 ** -24}  # f16 subnormals
 
 
@@ -111,7 +113,7 @@ def test_zero_and_tiny_rows(dtype, groups):
         return y, vjp(dy)[0]
     y_x, dx_x = (_f64(a) for a in jax.jit(xla)(x, dy))
     rows = np.r_[0:261:7, 3:261:7]
-    ulp = ULP[jnp.dtype(dtype)]
+    ulp = 2 * ULP[jnp.dtype(dtype)]  # two roundings (XLA may multiply by rsqrt, the kernel by 1/n)
     np.testing.assert_allclose(y[rows], y_x[rows], rtol=ulp, atol=0)
     np.testing.assert_allclose(dx[rows], dx_x[rows], rtol=ulp, atol=0)
     assert np.all(np.isfinite(dx))
