@@ -8,8 +8,8 @@ Paths (all include the l2norm of q and k, scale 10):
   kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc); on an
               sm_90 device they take the sm_90a (TMA + wgmma) kernels where those apply
   kernel_sm80 the same with the portable sm_80 kernels forced (A/B against `kernel`)
-  kernel_det  `kernel` with deterministic=True (sm_90a: the dQ kernel + plain dK/dV kernel instead
-              of the fused-dQ backward)
+  kernel_fused `kernel` with the opt-in fused-dQ sm_90a backward (JCA_SM90_FUSED_DQ=1) instead of
+              the dQ kernel + plain dK/dV kernel
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
   pallas_mgpu jax.experimental.pallas.ops.gpu.attention_mgpu (Hopper Mosaic GPU kernel) on
@@ -79,7 +79,7 @@ def make_fwd(path, causal):
         return lambda q, k, v: mg.attention(
             (l2n(q).astype(jnp.float32) * SCALE).astype(f16), l2n(k).astype(f16), v.astype(f16),
             cfg).astype(q.dtype)
-    if path in ("kernel", "kernel_sm80", "kernel_det"):  # inputs pre-normalised by the caller
+    if path in ("kernel", "kernel_sm80", "kernel_fused"):  # inputs pre-normalised by the caller
         def f(q, k, v):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
@@ -89,14 +89,14 @@ def make_fwd(path, causal):
 
 
 def make_fn(path, mode, causal):
-    if path in ("kernel", "kernel_sm80", "kernel_det") and mode == "fwd+bwd":
+    if path in ("kernel", "kernel_sm80", "kernel_fused") and mode == "fwd+bwd":
         def fb(q, k, v, do):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
                                bounded=True, sm90=path == "kernel")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
                              groups=1, bounded=True, need_dbias=False,
-                             deterministic=path == "kernel_det", sm90=path != "kernel_sm80")[:3]
+                             deterministic=False, sm90=path != "kernel_sm80")[:3]
         return jax.jit(fb)
     fwd = make_fwd(path, causal)
     if mode == "fwd":
@@ -160,7 +160,7 @@ def main(argv=None):
             configs.append((a.batch, N, D, a.paths))
         for N in a.long:
             configs.append((1, N, D, [p for p in a.paths
-                                      if p in ("cuda", "kernel", "kernel_sm80", "kernel_det", "cudnn")]))
+                                      if p in ("cuda", "kernel", "kernel_sm80", "kernel_fused", "cudnn")]))
     jobs = [(B, N, D, p, m) for (B, N, D, paths) in configs for m in modes for p in paths]
 
     results = []
@@ -177,6 +177,7 @@ def main(argv=None):
         args = (qn, kn, v, do) if path.startswith("kernel") else (q, k, v, do)
         rec = dict(path=path, mode=mode, B=B, H=a.heads, T=N, S=N, D=D, causal=a.causal,
                    dtype=a.dtype, card=card)
+        os.environ["JCA_SM90_FUSED_DQ"] = "1" if path == "kernel_fused" else "0"  # read per launch
         try:
             fn = make_fn(path, mode, a.causal)
             compiled = fn.lower(*args).compile()

@@ -1,9 +1,10 @@
-// Host side of the sm_90a backward: delta / lse2 preprocess (the sm_80 kernel's), then either the
-// dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc), or, in deterministic mode, the
-// dQ kernel over (query tile, head, batch) and the plain dK/dV kernel over (key tile, kv head,
-// batch).
+// Host side of the sm_90a backward: delta / lse2 preprocess (the sm_80 kernel's), then the dQ
+// kernel over (query tile, head, batch) and the plain dK/dV kernel over (key tile, kv head,
+// batch) -- or, opt-in, the dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc).
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
+#include <cstdlib>
+
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -55,10 +56,19 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                          stream);
 }
 
+// The fused-dQ backward is opt-in (JCA_SM90_FUSED_DQ=1, read at each launch): on an H100 it
+// measured no faster than the two-kernel backward at D = 128 and slower at D = 64
+// (benchmarks/NOTES.md); it is never taken in deterministic mode.
+inline bool fused_dq_requested() {
+  const char* e = std::getenv("JCA_SM90_FUSED_DQ");
+  return e != nullptr && e[0] == '1';
+}
+
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.B) * p.T * p.N;
-  if (!p.deterministic && rows > 0) {
+  const bool fused = !p.deterministic && fused_dq_requested();
+  if (fused && rows > 0) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, rows * D * sizeof(float), stream);
         e != cudaSuccess)
       return e;
@@ -68,7 +78,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
     bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  if (p.deterministic) {  // dQ by its own kernel, plain stores: bitwise reproducible
+  if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
     if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
