@@ -260,7 +260,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     STensor tSrdP = new_s();
     wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
     wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
-    warpgroup_wait<0>();
 
     {
       uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
@@ -268,26 +267,37 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // FuseDq: this thread's dS elements in smem, in the accumulator's order (queries in pairs)
       Tensor sdSt = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdSt{});
       Tensor tSsdS = thr_sdp.partition_C(sdSt(_, _, step & 1));
-      auto body = [&](auto chk) {
+      // P^T (kept in the S^T registers) while dP^T is still in flight: the exponentials overlap
+      // the second product.
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(tSrS);
+      auto exps = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); i += 2) {
-          float pv[2], dsv[2];
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int q = get<1>(tScS(i + e));
             float x = ex2(fmaf(tSrS(i + e), c2, -ss.lse2[st][q]));
             if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
-            pv[e] = x;
-            dsv[e] = x * (tSrdP(i + e) - ss.delta[st][q]);
+            tSrS(i + e) = x;
           }
-          dp_[i / 2] = MmaOp<T>::pack(pv[0], pv[1]);
-          dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
-          if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
-            *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
+          dp_[i / 2] = MmaOp<T>::pack(tSrS(i), tSrS(i + 1));
         }
       };
-      if (check) body(BoolC<true>{});
-      else body(BoolC<false>{});
+      if (check) exps(BoolC<true>{});
+      else exps(BoolC<false>{});
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrdP);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); i += 2) {
+        float dsv[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 2; ++e)
+          dsv[e] = tSrS(i + e) * (tSrdP(i + e) - ss.delta[st][get<1>(tScS(i + e))]);
+        dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
+        if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
+          *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
+      }
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
