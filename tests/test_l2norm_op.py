@@ -60,7 +60,8 @@ def _close(a, b):
     """Norm-wise: compositions (vmap of grad of a nonlinear loss, scan) amplify a one-ulp
     difference of y through the cancellation in dx = (dy - y<y,dy>) / n."""
     ulp = float(jnp.finfo(jnp.asarray(b).dtype).eps)
-    a, b = np.asarray(jnp.asarray(a, jnp.float64)), np.asarray(jnp.asarray(b, jnp.float64))
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
     assert np.all(np.isfinite(a)) and np.linalg.norm(a - b) <= 2 * ulp * np.linalg.norm(b)
 
 
