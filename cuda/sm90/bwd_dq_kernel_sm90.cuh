@@ -180,19 +180,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) EmptyBar::arrive(&ss.empty[st]);
   };
 
-  // dS of key tile s0.. in place of the dP accumulator (reads S and dP only).
-  auto make_ds = [&](STensor const& tSrS, STensor& tSrdP, int s0) {
+  // P of key tile s0.. in place of the S accumulator (while dP may still be in flight), then
+  // dS = P (dP - delta) in place of the dP accumulator.
+  auto make_p = [&](STensor& tSrS, int s0) {
+    warpgroup_fence_operand(tSrS);
     auto body = [&](auto chk) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tSrS); ++i) {
         const int h = (i >> 1) & 1;
         float pv = ex2(fmaf(tSrS(i), c2, -lse2[h]));
         if constexpr (decltype(chk)::value) pv = s0 + get<1>(tScS(i)) < lims[h] ? pv : 0.f;
-        tSrdP(i) = pv * (tSrdP(i) - delta[h]);
+        tSrS(i) = pv;
       }
     };
     if (s0 + BC > wg_min_lim) body(BoolC<true>{});
     else body(BoolC<false>{});
+  };
+  auto make_ds = [&](STensor const& tSrP, STensor& tSrdP) {
+    warpgroup_fence_operand(tSrdP);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrP); ++i) tSrdP(i) = tSrP(i) * (tSrdP(i) - delta[(i >> 1) & 1]);
   };
   Tensor rdS = make_tensor_like<Element>(new_s());
   Tensor tQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
@@ -213,11 +220,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, 0), tSrS);
     wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, 0), tSrdP);
     turn.pass();
+    warpgroup_wait<1>();
+    make_p(tSrS, 0);
     warpgroup_wait<0>();
-    make_ds(tSrS, tSrdP, 0);
+    make_ds(tSrS, tSrdP);
     pack_ds(tSrdP);
   }
-  // Issue S, dP of tile j+1 and dQ(j); wait for S, dP only; dS(j+1) runs under dQ(j).
+  // Issue S, dP of tile j+1 and dQ(j); P(j+1) runs under dP(j+1) and dQ(j), dS(j+1) under dQ(j).
   for (int it = 0; it + 1 < ntiles; ++it) {
     const int st = it % STAGES, st1 = (it + 1) % STAGES;
     STensor tSrS = new_s();
@@ -229,8 +238,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, st1), tSrdP);
     wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
     turn.pass();
+    warpgroup_wait<2>();
+    make_p(tSrS, (it + 1) * BC);
     warpgroup_wait<1>();
-    make_ds(tSrS, tSrdP, (it + 1) * BC);
+    make_ds(tSrS, tSrdP);
     warpgroup_wait<0>();
     release(st);
     pack_ds(tSrdP);
