@@ -8,8 +8,8 @@ Paths (all include the l2norm of q and k, scale 10):
   kernel      the raw FFI kernels on pre-normalised q, k (no l2norm, no dq = scale*dq_acc); on an
               sm_90 device they take the sm_90a (TMA + wgmma) kernels where those apply
   kernel_sm80 the same with the portable sm_80 kernels forced (A/B against `kernel`)
-  kernel_fused `kernel` with the opt-in fused-dQ sm_90a backward (JCA_SM90_FUSED_DQ=1) instead of
-              the dQ kernel + plain dK/dV kernel
+  kernel_fused `kernel` with the opt-in fused-dQ sm_90a backward (fused_dq=True) instead of the dQ
+              kernel + plain dK/dV kernel
   cudnn       jax.nn.dot_product_attention(l2norm(q)*scale, l2norm(k), v, scale=1, implementation="cudnn")
   xla_plain   plain XLA cosine-sim attention (dense softmax)
   pallas_mgpu jax.experimental.pallas.ops.gpu.attention_mgpu (Hopper Mosaic GPU kernel) on
@@ -96,7 +96,8 @@ def make_fn(path, mode, causal):
                                bounded=True, sm90=path == "kernel")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
                              groups=1, bounded=True, need_dbias=False,
-                             deterministic=False, sm90=path != "kernel_sm80")[:3]
+                             deterministic=False, sm90=path != "kernel_sm80",
+                             fused_dq=path == "kernel_fused")[:3]
         return jax.jit(fb)
     fwd = make_fwd(path, causal)
     if mode == "fwd":
@@ -177,7 +178,6 @@ def main(argv=None):
         args = (qn, kn, v, do) if path.startswith("kernel") else (q, k, v, do)
         rec = dict(path=path, mode=mode, B=B, H=a.heads, T=N, S=N, D=D, causal=a.causal,
                    dtype=a.dtype, card=card)
-        os.environ["JCA_SM90_FUSED_DQ"] = "1" if path == "kernel_fused" else "0"  # read per launch
         try:
             fn = make_fn(path, mode, a.causal)
             compiled = fn.lower(*args).compile()

@@ -6,7 +6,8 @@
 //       attrs: causal: bool, groups: i64, bounded: bool
 //   jca_cosattn_bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len)
 //       -> (dq_acc f32, dk, dv, dbias f32, workspace u8)
-//       attrs: causal: bool, groups: i64, bounded: bool, need_dbias: bool, deterministic: bool
+//       attrs: causal: bool, groups: i64, bounded: bool, need_dbias: bool, deterministic: bool,
+//              sm90: bool, sm90_fused_dq: bool
 //   jca_l2norm_fwd(x) -> y            x [..., H] bf16/f16, y = l2norm(x) in x's dtype
 //   jca_l2norm_bwd(x, dy) -> dx       dx in x's dtype
 //       attrs: groups: i64, eps: f32   (see l2norm.h; jax_cosine_attention/_l2norm_op.py)
@@ -206,9 +207,10 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> workspace,
                    bool causal, int64_t groups, bool bounded, bool need_dbias, bool deterministic,
-                   bool sm90) {
+                   bool sm90, bool sm90_fused_dq) {
   jca::Params p;
   p.allow_sm90 = sm90;
+  p.sm90_fused_dq = sm90_fused_dq;
   if (ffi::Error e = FillCommon(p, q, k, v, scale, bias, mask, q_len, kv_len, causal, groups,
                                 bounded, ordinal);
       e.failure())
@@ -374,7 +376,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
                                   .Attr<bool>("bounded")
                                   .Attr<bool>("need_dbias")
                                   .Attr<bool>("deterministic")
-                                  .Attr<bool>("sm90"),  // may take the sm_90a kernel
+                                  .Attr<bool>("sm90")  // may take the sm_90a kernel
+                                  .Attr<bool>("sm90_fused_dq"),  // ... with the fused dQ
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaL2NormFwd, L2NormFwdImpl,

@@ -46,6 +46,7 @@ struct Params {
   bool deterministic = false;
   int cc = 0;               // device compute capability, major * 10 + minor
   bool allow_sm90 = true;   // let the kernels take the sm_90a path where it applies
+  bool sm90_fused_dq = false;  // sm_90a backward: dQ inside the dK/dV kernel (not deterministic)
 
   // ---- forward outputs
   void* o = nullptr;        // [B,T,N,H], q dtype

@@ -56,6 +56,13 @@ def sm90_enabled():
     return os.environ.get("JCA_SM90", "1") != "0"
 
 
+def sm90_fused_dq_enabled():
+    """JCA_SM90_FUSED_DQ=1 (read at trace): the sm_90a backward computes dQ inside the dK/dV
+    kernel (FA3's five products, TMA reduce-add into dq_acc; not deterministic). Off by default:
+    slower than the two-kernel backward on an H100 (benchmarks/NOTES.md)."""
+    return os.environ.get("JCA_SM90_FUSED_DQ", "0") == "1"
+
+
 def bwd_workspace_bytes(B, N, T):
     """Scratch of the backward (delta and log2-lse, f32 [B,N,T] each); mirrors BwdWorkspaceBytes."""
     return 2 * 4 * int(B) * int(N) * int(T)
@@ -145,9 +152,11 @@ def fwd(q, k, v, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
 
 
 def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
-        need_dbias, deterministic, sm90=None):
-    """sm90: may the sm_90a kernel run (None: unless JCA_SM90=0)."""
+        need_dbias, deterministic, sm90=None, fused_dq=None):
+    """sm90: may the sm_90a kernel run (None: unless JCA_SM90=0); fused_dq: the sm_90a backward
+    with the fused dQ (None: if JCA_SM90_FUSED_DQ=1)."""
     sm90 = sm90_enabled() if sm90 is None else bool(sm90)
+    fused_dq = sm90_fused_dq_enabled() if fused_dq is None else bool(fused_dq)
     B, T, N, _ = q.shape
     need_dbias = bool(need_dbias) and bias is not None
     dbias_type = (_result(bias, bias.shape, jnp.float32, (0, 1, 2, 3)) if need_dbias
@@ -161,5 +170,6 @@ def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups
     dq_acc, dk, dv, dbias, _ = call(
         do, q, k, v, o, lse, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
         causal=bool(causal), groups=int(groups), bounded=bool(bounded),
-        need_dbias=need_dbias, deterministic=bool(deterministic), sm90=sm90)
+        need_dbias=need_dbias, deterministic=bool(deterministic), sm90=sm90,
+        sm90_fused_dq=fused_dq)
     return dq_acc, dk, dv, (dbias if need_dbias else None)

@@ -3,8 +3,6 @@
 // batch) -- or, opt-in, the dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc).
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
-
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -56,18 +54,13 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                          stream);
 }
 
-// The fused-dQ backward is opt-in (JCA_SM90_FUSED_DQ=1, read at each launch): on an H100 it
-// measured no faster than the two-kernel backward at D = 128 and slower at D = 64
-// (benchmarks/NOTES.md); it is never taken in deterministic mode.
-inline bool fused_dq_requested() {
-  const char* e = std::getenv("JCA_SM90_FUSED_DQ");
-  return e != nullptr && e[0] == '1';
-}
-
+// The fused-dQ backward is opt-in (Params::sm90_fused_dq; Python: JCA_SM90_FUSED_DQ=1): on an
+// H100 it measured slower than the two-kernel backward (benchmarks/NOTES.md); it is never taken
+// in deterministic mode.
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.B) * p.T * p.N;
-  const bool fused = !p.deterministic && fused_dq_requested();
+  const bool fused = p.sm90_fused_dq && !p.deterministic;
   if (fused && rows > 0) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, rows * D * sizeof(float), stream);
         e != cudaSuccess)

@@ -55,11 +55,11 @@ for H, dt in ((64, jnp.bfloat16), (128, jnp.float16)):
     do = jnp.asarray(rng.standard_normal((B, T, N, H)), dt)
 
     def fb(sm90, fused=False):
-        os.environ["JCA_SM90_FUSED_DQ"] = "1" if fused else "0"  # read at each launch
         o, lse = _cuda.fwd(q, k, v, sc, None, None, ql, kl, causal=True, groups=1, bounded=True,
                            sm90=sm90)
         g = _cuda.bwd(do, q, k, v, o, lse, sc, None, None, ql, kl, causal=True, groups=1,
-                      bounded=True, need_dbias=False, deterministic=False, sm90=sm90)
+                      bounded=True, need_dbias=False, deterministic=False, sm90=sm90,
+                      fused_dq=fused)
         return jax.block_until_ready((o, lse) + tuple(g[:3]))
 
     r90_det = fb(True)  # dQ kernel + plain dK/dV kernel (the default)

@@ -3,9 +3,6 @@
 Run from OUTSIDE the repo root so the installed package (with the .so) is imported.
 """
 
-import contextlib
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +93,8 @@ def make(rng, B, T, S, N, K, H, dtype, normalize=True):
 
 
 def run_kernel(q, k, v, scale, bias=None, mask=None, q_len=None, kv_len=None, *, causal=False,
-               bounded=True, groups=1, do=None, need_dbias=None, deterministic=False):
+               bounded=True, groups=1, do=None, need_dbias=None, deterministic=False,
+               fused_dq=None):
     scale = jnp.asarray(scale, jnp.float32)
 
     @jax.jit
@@ -107,7 +105,8 @@ def run_kernel(q, k, v, scale, bias=None, mask=None, q_len=None, kv_len=None, *,
             return o, lse
         nd = bias is not None if need_dbias is None else need_dbias
         g = _cuda.bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, causal=causal,
-                      groups=groups, bounded=bounded, need_dbias=nd, deterministic=deterministic)
+                      groups=groups, bounded=bounded, need_dbias=nd, deterministic=deterministic,
+                      fused_dq=fused_dq)
         return (o, lse) + tuple(g)
 
     return f(q, k, v, scale, bias, mask, q_len, kv_len, do)
@@ -375,31 +374,16 @@ def _run_both(q, k, v, sc, do, **kw):
     backward, then the default two-kernel one) and the sm_80 kernels."""
     outs = []
     for sm90, fused in ((True, True), (True, False), (False, False)):
-        def f(q, k, v, sc, ql, kl, do, sm90=sm90):
+        def f(q, k, v, sc, ql, kl, do, sm90=sm90, fused=fused):
             opts = dict(causal=kw["causal"], groups=kw.get("groups", 1),
                         bounded=kw.get("bounded", True), sm90=sm90)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, ql, kl, **opts)
             g = _cuda.bwd(do, q, k, v, o, lse, sc, None, None, ql, kl, need_dbias=False,
-                          deterministic=False, **opts)
+                          deterministic=False, fused_dq=fused, **opts)
             return (o, lse) + tuple(g)
-        with _fused_dq(fused):
-            outs.append(jax.block_until_ready(jax.jit(f)(
-                q, k, v, jnp.asarray(sc, jnp.float32), kw.get("q_len"), kw.get("kv_len"), do)))
+        outs.append(jax.jit(f)(q, k, v, jnp.asarray(sc, jnp.float32), kw.get("q_len"),
+                               kw.get("kv_len"), do))
     return outs
-
-
-@contextlib.contextmanager
-def _fused_dq(on):
-    """JCA_SM90_FUSED_DQ (read by the backward at each launch) selects the fused-dQ kernel."""
-    old = os.environ.get("JCA_SM90_FUSED_DQ")
-    os.environ["JCA_SM90_FUSED_DQ"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["JCA_SM90_FUSED_DQ"]
-        else:
-            os.environ["JCA_SM90_FUSED_DQ"] = old
 
 
 @pytest.mark.parametrize("H", [64, 128])
@@ -452,11 +436,9 @@ def test_sm90_deterministic_backward_is_bitwise_reproducible(H):
     q, k, v = make(rng, B, T, S, N, K, H, jnp.bfloat16)
     do = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.bfloat16)
     sc = np.full((N,), 10.0, np.float32)
-    with _fused_dq(True):
-        det1, det2 = (jax.block_until_ready(
-            run_kernel(q, k, v, sc, causal=True, do=do, deterministic=True)) for _ in range(2))
-        fused = jax.block_until_ready(
-            run_kernel(q, k, v, sc, causal=True, do=do, deterministic=False))
+    det1, det2 = (run_kernel(q, k, v, sc, causal=True, do=do, deterministic=True, fused_dq=True)
+                  for _ in range(2))
+    fused = run_kernel(q, k, v, sc, causal=True, do=do, deterministic=False, fused_dq=True)
     for a, b in zip(det1, det2):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(fused[2:5], det1[2:5]):
