@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -27,22 +25,8 @@ import numpy as np  # noqa: E402
 import jax_cosine_attention as jca  # noqa: E402
 from jax_cosine_attention import _cuda, _l2norm_op, normalize  # noqa: E402
 
-
-def bench(fn, args, budget_s=1.0):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    inner = max(1, min(200, int(0.05 / max(one, 1e-6))))
-    batches = 5
-    times = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import bench  # noqa: E402  (the timing loop of benchmarks/bench.py)
 
 
 def entry_kernels(compiled):

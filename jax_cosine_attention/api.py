@@ -102,8 +102,9 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
 def _normalize_qk(c, impl, groups, eps, l2norm_qk, shard_plan):
     """l2norm of q and k: on the CUDA path by the fused l2norm kernels (one pass forward, one
     backward; `_l2norm_op.l2norm` falls back to `l2norm` where the kernel does not serve the
-    dtype/head dim; JCA_FUSED_L2NORM=0 keeps XLA's). `shard_plan` (sharded_cosine_sim_attention): run it under the same
-    shard_map as the attention, where its custom_partitioning inlines (jax.export-friendly)."""
+    dtype/head dim; JCA_FUSED_L2NORM=0 keeps XLA's). `shard_plan`
+    (sharded_cosine_sim_attention): run it under the same shard_map as the attention, where its
+    custom_partitioning inlines (jax.export-friendly)."""
     if not l2norm_qk:
         return c.q, c.k
     if impl != "cuda" or not _l2norm_op.enabled():
