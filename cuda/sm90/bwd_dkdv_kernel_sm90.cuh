@@ -10,8 +10,9 @@
 //                  With FuseDq (FA3's 5-product backward) each also stores its dS half to smem;
 //                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) is
 //                  staged in smem and each warp TMA reduce-adds its 16 x D/2 block into the
-//                  zeroed dq_acc. Without it (deterministic mode) dQ is the separate,
-//                  forward-shaped kernel of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
+//                  zeroed dq_acc (opt-in: Params::sm90_fused_dq). Without it (the default,
+//                  and always in deterministic mode) dQ is the separate, forward-shaped kernel
+//                  of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
 // -> P = 0) are handled.
@@ -106,7 +107,7 @@ template <class Tr>
 struct BwdDkvArgs {
   typename Tr::TmaQ tma_q, tma_do;
   typename Tr::TmaKV tma_k, tma_v;
-  typename Tr::TmaDq tma_dq;  // FuseDq only (a copy with a null tensor otherwise)
+  typename Tr::TmaDq tma_dq;  // read by the FuseDq kernel only
   Params p;
 };
 
