@@ -107,6 +107,27 @@ __device__ __forceinline__ float clamp_sq(float sumsq, float eps2) {
   return sumsq < eps2 ? eps2 : sumsq;
 }
 
+// This thread's place in the layout (see the top of the file): lane t of its team, the team's
+// first row, and, for groups spanning lanes, the group size tpg in lanes and this lane's index tg.
+struct Team {
+  int lane, t, teams, tpg, tg;
+  int64_t base;
+  bool col_ok;  // the team's lane t holds columns of the row (t * E < h)
+  __device__ __forceinline__ int64_t row(int i) const { return base + int64_t(i) * teams; }
+};
+template <int E, int ROWS, bool SMALL>
+__device__ __forceinline__ Team team_of(int h, int tpr_log2, int gsize) {
+  Team m;
+  m.lane = threadIdx.x & 31;
+  m.t = m.lane & ((1 << tpr_log2) - 1);
+  m.teams = kThreads >> tpr_log2;
+  m.base = int64_t(blockIdx.x) * m.teams * ROWS + (threadIdx.x >> tpr_log2);
+  m.col_ok = m.t * E < h;
+  m.tpg = SMALL ? 1 : gsize / E;
+  m.tg = SMALL ? 0 : m.t % m.tpg;
+  return m;
+}
+
 // Each team of 2^tpr_log2 lanes handles ROWS rows, kThreads >> tpr_log2 rows apart (so that each
 // of the ROWS steps of a warp touches contiguous memory); all loads are issued before any math.
 // SMALL: groups of fewer than E elements (inside one lane, per-element norms); otherwise each
@@ -117,20 +138,14 @@ __global__ void __launch_bounds__(kThreads)
     l2norm_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int h,
                       int tpr_log2, int gsize, float eps2) {
   constexpr int E = 8 * VPT;
-  const int lane = threadIdx.x & 31;
-  const int t = lane & ((1 << tpr_log2) - 1);
-  const int teams = kThreads >> tpr_log2;
-  const int64_t base = int64_t(blockIdx.x) * teams * ROWS + (threadIdx.x >> tpr_log2);
-  const bool col_ok = t * E < h;
-  const int tpg = SMALL ? 1 : gsize / E;
-  const int tg = SMALL ? 0 : t % tpg;
+  const Team tm = team_of<E, ROWS, SMALL>(h, tpr_log2, gsize);
 
   float v[ROWS][E];
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    const int64_t row = base + int64_t(i) * teams;
-    if (col_ok && row < rows) {
-      load_row_chunk<T, VPT>(x + row * h + int64_t(t) * E, v[i]);
+    const int64_t row = tm.row(i);
+    if (tm.col_ok && row < rows) {
+      load_row_chunk<T, VPT>(x + row * h + int64_t(tm.t) * E, v[i]);
     } else {
 #pragma unroll
       for (int j = 0; j < E; ++j) v[i][j] = 0.f;
@@ -138,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    const int64_t row = base + int64_t(i) * teams;
+    const int64_t row = tm.row(i);
     if (SMALL) {
       float s[E];
 #pragma unroll
@@ -150,12 +165,12 @@ __global__ void __launch_bounds__(kThreads)
       float part = 0.f;
 #pragma unroll
       for (int j = 0; j < E; ++j) part = fmaf(v[i][j], v[i][j], part);
-      if (tpg > 1) part = group_sum(part, tpg, tg, lane);
+      if (tm.tpg > 1) part = group_sum(part, tm.tpg, tm.tg, tm.lane);
       const float inv = 1.f / sqrtf(clamp_sq(part, eps2));
 #pragma unroll
       for (int j = 0; j < E; ++j) v[i][j] *= inv;
     }
-    if (col_ok && row < rows) store_row_chunk<T, VPT>(y + row * h + int64_t(t) * E, v[i]);
+    if (tm.col_ok && row < rows) store_row_chunk<T, VPT>(y + row * h + int64_t(tm.t) * E, v[i]);
   }
 }
 
@@ -173,21 +188,15 @@ __global__ void __launch_bounds__(kThreads)
     l2norm_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                       int64_t rows, int h, int tpr_log2, int gsize, float eps2) {
   constexpr int E = 8 * VPT;
-  const int lane = threadIdx.x & 31;
-  const int t = lane & ((1 << tpr_log2) - 1);
-  const int teams = kThreads >> tpr_log2;
-  const int64_t base = int64_t(blockIdx.x) * teams * ROWS + (threadIdx.x >> tpr_log2);
-  const bool col_ok = t * E < h;
-  const int tpg = SMALL ? 1 : gsize / E;
-  const int tg = SMALL ? 0 : t % tpg;
+  const Team tm = team_of<E, ROWS, SMALL>(h, tpr_log2, gsize);
 
   float v[ROWS][E], d[ROWS][E];
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    const int64_t row = base + int64_t(i) * teams;
-    if (col_ok && row < rows) {
-      load_row_chunk<T, VPT>(x + row * h + int64_t(t) * E, v[i]);
-      load_row_chunk<T, VPT>(dy + row * h + int64_t(t) * E, d[i]);
+    const int64_t row = tm.row(i);
+    if (tm.col_ok && row < rows) {
+      load_row_chunk<T, VPT>(x + row * h + int64_t(tm.t) * E, v[i]);
+      load_row_chunk<T, VPT>(dy + row * h + int64_t(tm.t) * E, d[i]);
     } else {
 #pragma unroll
       for (int j = 0; j < E; ++j) v[i][j] = d[i][j] = 0.f;
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    const int64_t row = base + int64_t(i) * teams;
+    const int64_t row = tm.row(i);
     if (SMALL) {
       float s[E], p[E];
 #pragma unroll
@@ -218,16 +227,16 @@ __global__ void __launch_bounds__(kThreads)
         ss = fmaf(v[i][j], v[i][j], ss);
         pp = fmaf(v[i][j], d[i][j], pp);
       }
-      if (tpg > 1) {
-        ss = group_sum(ss, tpg, tg, lane);
-        pp = group_sum(pp, tpg, tg, lane);
+      if (tm.tpg > 1) {
+        ss = group_sum(ss, tm.tpg, tm.tg, tm.lane);
+        pp = group_sum(pp, tm.tpg, tm.tg, tm.lane);
       }
       float a, b;
       bwd_coeffs(ss, pp, eps2, a, b);
 #pragma unroll
       for (int j = 0; j < E; ++j) d[i][j] = fmaf(-b, v[i][j], a * d[i][j]);
     }
-    if (col_ok && row < rows) store_row_chunk<T, VPT>(dx + row * h + int64_t(t) * E, d[i]);
+    if (tm.col_ok && row < rows) store_row_chunk<T, VPT>(dx + row * h + int64_t(tm.t) * E, d[i]);
   }
 }
 
