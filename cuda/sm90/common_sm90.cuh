@@ -29,14 +29,6 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Bulk (non-tensor) reduce-add of `bytes` (a multiple of 16) contiguous f32 from shared memory
-// into global memory, in the calling thread's bulk group (commit: cute::tma_store_arrive).
-__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem,
-                                                    uint32_t bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(gmem), "r"(s), "r"(bytes) : "memory");
-}
 // Waits until every bulk group of this thread has completed (not just read its source).
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
