@@ -21,14 +21,18 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, bool FuseDq_ = false>
+template <int D_, typename T_, bool FuseDq_ = false, int BM_ = 64, int KInRegs_ = 0>
 struct BwdDkvTraits {
+  // KInRegs 1: the warpgroup's K rows are loaded into registers once and S^T is an RS product
+  // (only the Q tile is read from shared memory); 2: V too (dP^T = V dO^T also RS).
+  static constexpr bool kKInRegs = KInRegs_ >= 1, kVInRegs = KInRegs_ >= 2;
   static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
   static constexpr int BN = 128;  // keys per CTA: two consumer warpgroups x 64
-  static constexpr int BM = 64;   // query rows per step
+  static constexpr int BM = BM_;  // query rows per step
+  static_assert(!FuseDq_ || BM == 64);
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
@@ -40,6 +44,10 @@ struct BwdDkvTraits {
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
   using MmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
+  using MmaRS = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
+  using MmaS = std::conditional_t<kKInRegs, MmaRS, MmaSdP>;
+  using MmadP = std::conditional_t<kVInRegs, MmaRS, MmaSdP>;
   // dV += P^T dO, dK += dS^T Q: (keys, D, queries), A from registers, B = dO / Q MN-major.
   using MmaKV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
@@ -218,10 +226,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
 
-  Tensor tSrK = thr_sdp.partition_fragment_A(sK);
-  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
-  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
-  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  typename Tr::MmaS mma_s;
+  typename Tr::MmadP mma_dp;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_dp = mma_dp.get_thread_slice(ctid);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);  // registers when K is held in registers
+  Tensor tSrV = thr_dp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
+  Tensor tSrdO = thr_dp.partition_fragment_B(sdO);
   Tensor tVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
   Tensor tKrQt = thr_kv.partition_fragment_B(sQt);
   Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
@@ -247,6 +259,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
 
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
+  if constexpr (Tr::kKInRegs) {
+    auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
+    auto thr_ldsm = ldsm.get_thread_slice(ctid);
+    copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sK)),
+         thr_ldsm.retile_D(tSrK));
+  }
+  if constexpr (Tr::kVInRegs) {
+    auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_dp);
+    auto thr_ldsm = ldsm.get_thread_slice(ctid);
+    copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sV)),
+         thr_ldsm.retile_D(tSrV));
+  }
   for (int step = 0; step < steps; ++step) {
     const int st = step % STAGES;
     const int n = kh * p.hpk + step / mtiles;
@@ -259,8 +283,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
-    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
-    wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
+    wg_gemm<true, Tr::kKInRegs>(mma_s, tSrK, tSrQ(_, _, _, st), tSrS);
+    wg_gemm<true, Tr::kVInRegs>(mma_dp, tSrV, tSrdO(_, _, _, st), tSrdP);
 
     {
       uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));

@@ -11,8 +11,11 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_>
+template <int D_, typename T_, int QInRegs_ = 0>
 struct BwdDqTraits {
+  // QInRegs 1: the warpgroup's Q rows are loaded into registers once and S is an RS product
+  // (only the K tile is read from shared memory); 2: dO too (dP = dO V^T also RS).
+  static constexpr bool kQInRegs = QInRegs_ >= 1, kdOInRegs = QInRegs_ >= 2;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -20,11 +23,15 @@ struct BwdDqTraits {
   static constexpr int BR = 128, BC = (D <= 64 ? 128 : 64), STAGES = 3;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kProducerRegs = kQInRegs ? 24 : 40, kConsumerRegs = kQInRegs ? 240 : 232;
 
   using SplitM = Layout<Shape<_2, _1, _1>>;
-  using MmaSdP = decltype(make_tiled_mma(
+  using MmaSS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<BR>, Int<BC>, Int<D>>>(), SplitM{}));
+  using MmaRS = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<BR>, Int<BC>, Int<D>>>(), SplitM{}));
+  using MmaS = std::conditional_t<kQInRegs, MmaRS, MmaSS>;
+  using MmadP = std::conditional_t<kdOInRegs, MmaRS, MmaSS>;
   using MmaDq = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BR>, Int<D>, Int<BC>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
@@ -139,15 +146,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int ctid = threadIdx.x - 128;
   const int lane = threadIdx.x % 32;
-  typename Tr::MmaSdP mma_sdp;
+  typename Tr::MmaS mma_s;
+  typename Tr::MmadP mma_dp;
+  typename Tr::MmaSS mma_sdp;  // the C layout of S and dP is the same for SS and RS
   typename Tr::MmaDq mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_dq = mma_dq.get_thread_slice(ctid);
   Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
-  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);
-  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
-  Tensor tSrK = thr_sdp.partition_fragment_B(sK);   // (MMA, N, K, STAGES)
-  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_dp = mma_dp.get_thread_slice(ctid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);    // registers when Q is held in registers
+  Tensor tSrdO = thr_dp.partition_fragment_A(sdO);
+  Tensor tSrK = thr_s.partition_fragment_B(sK);    // (MMA, N, K, STAGES)
+  Tensor tSrV = thr_dp.partition_fragment_B(sV);
   Tensor tQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, N, K, STAGES)
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BR>, Int<D>>{});
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BR>, Int<BC>>{}));
@@ -214,11 +225,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full, 0);
     FullBar::wait(&ss.k_full[0], 0);
     FullBar::wait(&ss.v_full[0], 0);
+    if constexpr (Tr::kQInRegs) {
+      auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
+      auto thr_ldsm = ldsm.get_thread_slice(ctid);
+      copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sQ)),
+           thr_ldsm.retile_D(tSrQ));
+    }
+    if constexpr (Tr::kdOInRegs) {
+      auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_dp);
+      auto thr_ldsm = ldsm.get_thread_slice(ctid);
+      copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sdO)),
+           thr_ldsm.retile_D(tSrdO));
+    }
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
     turn.wait();
-    wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, 0), tSrS);
-    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, 0), tSrdP);
+    wg_gemm<true, Tr::kQInRegs>(mma_s, tSrQ, tSrK(_, _, _, 0), tSrS);
+    wg_gemm<true, Tr::kdOInRegs>(mma_dp, tSrdO, tSrV(_, _, _, 0), tSrdP);
     turn.pass();
     warpgroup_wait<1>();
     make_p(tSrS, 0);
@@ -234,8 +257,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.k_full[st1], ((it + 1) / STAGES) & 1);
     FullBar::wait(&ss.v_full[st1], ((it + 1) / STAGES) & 1);
     turn.wait();
-    wg_gemm<true, false>(mma_sdp, tSrQ, tSrK(_, _, _, st1), tSrS);
-    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, st1), tSrdP);
+    wg_gemm<true, Tr::kQInRegs>(mma_s, tSrQ, tSrK(_, _, _, st1), tSrS);
+    wg_gemm<true, Tr::kdOInRegs>(mma_dp, tSrdO, tSrV(_, _, _, st1), tSrdP);
     wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
     turn.pass();
     warpgroup_wait<2>();

@@ -1,0 +1,91 @@
+"""A/B of sm_90a backward kernel variants (JCA_SM90_BWD_VARIANT, read once per process).
+
+For each head dim: the variant's gradients against the sm_80 kernel's on the same inputs (max
+abs difference relative to the largest magnitude), then the median time of the raw backward FFI
+call (B=4, H=16, N given, bf16, 3 rotating input sets). Prints one JSON line per config.
+Usage: JCA_SM90_BWD_VARIANT=V python -P benchmarks/bwd_variants.py [--dims 64 128] [--seqs 4096]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_cosine_attention import _cuda  # noqa: E402
+
+
+def inputs(rng, B, T, N, D):
+    def nrm(x):
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, N, D), np.float32)) for _ in range(4))
+    return tuple(x.astype(jnp.bfloat16) for x in (nrm(q), nrm(k), v, do))
+
+
+def make_bwd(causal, sm90):
+    sc = None
+
+    @jax.jit
+    def run(q, k, v, do, o, lse, sc):
+        return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal, groups=1,
+                         bounded=True, need_dbias=False, deterministic=False, sm90=sm90)[:3]
+    del sc
+    return run
+
+
+@jax.jit
+def fwd(q, k, v, sc):
+    return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=False, groups=1, bounded=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[4096])
+    ap.add_argument("--reps", type=int, default=30)
+    a = ap.parse_args()
+    variant = os.environ.get("JCA_SM90_BWD_VARIANT", "0")
+    rng = np.random.default_rng(int(variant) + 1)
+    for D in a.dims:
+        # correctness on a small causal T != S problem against the sm_80 kernels
+        B, T, N = 2, 700, 4
+        q, k, v, do = inputs(rng, B, T, N, D)
+        sc = jnp.asarray(rng.uniform(5, 15, N), jnp.float32)
+        o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=True, groups=1,
+                           bounded=True)
+        got = make_bwd(True, True)(q, k, v, do, o, lse, sc)
+        want = make_bwd(True, False)(q, k, v, do, o, lse, sc)
+        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                        / (float(jnp.max(jnp.abs(w.astype(jnp.float32)))) + 1e-9))
+                  for g, w in zip(got, want))
+        finite = all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in got)
+        for S in a.seqs:
+            B, N = 4, 16
+            sets = []
+            sc = jnp.full((N,), 10.0, jnp.float32)
+            for _ in range(3):
+                q, k, v, do = inputs(rng, B, S, N, D)
+                o, lse = fwd(q, k, v, sc)
+                sets.append((q, k, v, do, o, lse, sc))
+            run = make_bwd(False, True)
+            for s in sets:
+                jax.block_until_ready(run(*s))
+            times = []
+            for i in range(a.reps):
+                s = sets[i % 3]
+                t = time.perf_counter()
+                jax.block_until_ready(run(*s))
+                times.append(time.perf_counter() - t)
+            ms = statistics.median(times) * 1e3
+            flops = 2.5 * 4 * B * N * S * S * D
+            print(json.dumps(dict(variant=int(variant), D=D, N=S, bwd_ms=round(ms, 4),
+                                  tflops=round(flops / ms / 1e9, 1), rel_err_vs_sm80=err,
+                                  finite=finite)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
