@@ -1,6 +1,6 @@
 // Hopper (sm_90a) dK/dV kernel of the backward. One CTA per (128-key tile, kv head, batch) loops
-// over the query heads of its GQA group and their 64-row query tiles; dK and dV stay in
-// registers and are stored once.
+// over the query heads of its GQA group and their query tiles (128 rows at D = 64, else 64);
+// dK and dV stay in registers and are stored once.
 //   warpgroup 0    producer warp: TMA of K and V once, then Q and dO tiles into a 2-stage ring;
 //                  its lanes stage the tile's lse2 and delta rows next to them in smem.
 //   warpgroups 1-2 64 keys each. Per query tile:
@@ -21,18 +21,16 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, bool FuseDq_ = false, int BM_ = 64, int KInRegs_ = 0>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
-  // KInRegs 1: the warpgroup's K rows are loaded into registers once and S^T is an RS product
-  // (only the Q tile is read from shared memory); 2: V too (dP^T = V dO^T also RS).
-  static constexpr bool kKInRegs = KInRegs_ >= 1, kVInRegs = KInRegs_ >= 2;
   static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
   static constexpr int BN = 128;  // keys per CTA: two consumer warpgroups x 64
-  static constexpr int BM = BM_;  // query rows per step
-  static_assert(!FuseDq_ || BM == 64);
+  // Query rows per step: 128 at D = 64 (S^T, dP^T as m64n128 products, half the steps: -15 %
+  // bwd time measured against 64; the accumulators do not fit at D = 128, nor with FuseDq).
+  static constexpr int BM = (D <= 64 && !FuseDq_) ? 128 : 64;
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
@@ -44,10 +42,6 @@ struct BwdDkvTraits {
   // S^T = K Q^T, dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
   using MmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
-  using MmaRS = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<BM>, Int<D>>>(), SplitM{}));
-  using MmaS = std::conditional_t<kKInRegs, MmaRS, MmaSdP>;
-  using MmadP = std::conditional_t<kVInRegs, MmaRS, MmaSdP>;
   // dV += P^T dO, dK += dS^T Q: (keys, D, queries), A from registers, B = dO / Q MN-major.
   using MmaKV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
@@ -226,14 +220,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
 
-  typename Tr::MmaS mma_s;
-  typename Tr::MmadP mma_dp;
-  auto thr_s = mma_s.get_thread_slice(ctid);
-  auto thr_dp = mma_dp.get_thread_slice(ctid);
-  Tensor tSrK = thr_s.partition_fragment_A(sK);  // registers when K is held in registers
-  Tensor tSrV = thr_dp.partition_fragment_A(sV);
-  Tensor tSrQ = thr_s.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
-  Tensor tSrdO = thr_dp.partition_fragment_B(sdO);
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
   Tensor tVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
   Tensor tKrQt = thr_kv.partition_fragment_B(sQt);
   Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
@@ -259,18 +249,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
 
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
-  if constexpr (Tr::kKInRegs) {
-    auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
-    auto thr_ldsm = ldsm.get_thread_slice(ctid);
-    copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sK)),
-         thr_ldsm.retile_D(tSrK));
-  }
-  if constexpr (Tr::kVInRegs) {
-    auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_dp);
-    auto thr_ldsm = ldsm.get_thread_slice(ctid);
-    copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sV)),
-         thr_ldsm.retile_D(tSrV));
-  }
   for (int step = 0; step < steps; ++step) {
     const int st = step % STAGES;
     const int n = kh * p.hpk + step / mtiles;
@@ -283,8 +261,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
-    wg_gemm<true, Tr::kKInRegs>(mma_s, tSrK, tSrQ(_, _, _, st), tSrS);
-    wg_gemm<true, Tr::kVInRegs>(mma_dp, tSrV, tSrdO(_, _, _, st), tSrdP);
+    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
 
     {
       uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));

@@ -2,7 +2,8 @@
 // tile, query head, batch) loops over 64-key tiles, so dq_acc is written once with plain stores
 // (no reductions: deterministic, and no atomic traffic):
 //   warpgroup 0    producer: TMA of Q and dO once, K and V tiles into STAGES-deep rings.
-//   warpgroups 1-2 64 query rows each: S = Q K^T and dP = dO V^T (SS wgmma),
+//   warpgroups 1-2 64 query rows each: S = Q K^T and dP = dO V^T (SS wgmma; at D = 64 S is RS,
+//                  with the warpgroup's Q rows held in registers),
 //                  dS = 2^(S c - lse2) (dP - delta), dQ += dS K (RS wgmma, dS from registers).
 // As in the forward, the products of tile j+1 are issued before dQ(j), whose wait is deferred
 // until the elementwise work of tile j+1 is done, and the two warpgroups take turns issuing.
@@ -11,11 +12,12 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, int QInRegs_ = 0>
+template <int D_, typename T_>
 struct BwdDqTraits {
-  // QInRegs 1: the warpgroup's Q rows are loaded into registers once and S is an RS product
-  // (only the K tile is read from shared memory); 2: dO too (dP = dO V^T also RS).
-  static constexpr bool kQInRegs = QInRegs_ >= 1, kdOInRegs = QInRegs_ >= 2;
+  // At D = 64 the warpgroup's Q rows are loaded into registers once and S = Q K^T is an RS
+  // product, so each step reads only the K tile from shared memory for it (measured -9 % bwd
+  // time at D = 64, nothing at D = 128; dO in registers as well spills).
+  static constexpr bool kQInRegs = D_ <= 64;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -30,8 +32,7 @@ struct BwdDqTraits {
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<BR>, Int<BC>, Int<D>>>(), SplitM{}));
   using MmaRS = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BR>, Int<BC>, Int<D>>>(), SplitM{}));
-  using MmaS = std::conditional_t<kQInRegs, MmaRS, MmaSS>;
-  using MmadP = std::conditional_t<kdOInRegs, MmaRS, MmaSS>;
+  using MmaS = std::conditional_t<kQInRegs, MmaRS, MmaSS>;  // S = Q K^T; dP = dO V^T is SS
   using MmaDq = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BR>, Int<D>, Int<BC>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
@@ -147,18 +148,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int ctid = threadIdx.x - 128;
   const int lane = threadIdx.x % 32;
   typename Tr::MmaS mma_s;
-  typename Tr::MmadP mma_dp;
-  typename Tr::MmaSS mma_sdp;  // the C layout of S and dP is the same for SS and RS
+  typename Tr::MmaSS mma_sdp;  // dP; the S accumulator has the same layout for SS and RS
   typename Tr::MmaDq mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_dq = mma_dq.get_thread_slice(ctid);
   Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
   auto thr_s = mma_s.get_thread_slice(ctid);
-  auto thr_dp = mma_dp.get_thread_slice(ctid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);    // registers when Q is held in registers
-  Tensor tSrdO = thr_dp.partition_fragment_A(sdO);
-  Tensor tSrK = thr_s.partition_fragment_B(sK);    // (MMA, N, K, STAGES)
-  Tensor tSrV = thr_dp.partition_fragment_B(sV);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);     // registers with kQInRegs
+  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
+  Tensor tSrK = thr_s.partition_fragment_B(sK);     // (MMA, N, K, STAGES)
+  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
   Tensor tQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, N, K, STAGES)
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BR>, Int<D>>{});
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BR>, Int<BC>>{}));
@@ -231,17 +230,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sQ)),
            thr_ldsm.retile_D(tSrQ));
     }
-    if constexpr (Tr::kdOInRegs) {
-      auto ldsm = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_dp);
-      auto thr_ldsm = ldsm.get_thread_slice(ctid);
-      copy(ldsm, thr_ldsm.partition_S(as_position_independent_swizzle_tensor(sdO)),
-           thr_ldsm.retile_D(tSrdO));
-    }
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
     turn.wait();
     wg_gemm<true, Tr::kQInRegs>(mma_s, tSrQ, tSrK(_, _, _, 0), tSrS);
-    wg_gemm<true, Tr::kdOInRegs>(mma_dp, tSrdO, tSrV(_, _, _, 0), tSrdP);
+    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, 0), tSrdP);
     turn.pass();
     warpgroup_wait<1>();
     make_p(tSrS, 0);
@@ -258,7 +251,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.v_full[st1], ((it + 1) / STAGES) & 1);
     turn.wait();
     wg_gemm<true, Tr::kQInRegs>(mma_s, tSrQ, tSrK(_, _, _, st1), tSrS);
-    wg_gemm<true, Tr::kdOInRegs>(mma_dp, tSrdO, tSrV(_, _, _, st1), tSrdP);
+    wg_gemm<true, false>(mma_sdp, tSrdO, tSrV(_, _, _, st1), tSrdP);
     wg_gemm<false, true>(mma_dq, tQrdS, tQrKt(_, _, _, st), tdQrdQ);
     turn.pass();
     warpgroup_wait<2>();

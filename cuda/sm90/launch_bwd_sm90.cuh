@@ -3,7 +3,6 @@
 // batch) -- or, opt-in, the dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc).
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -73,22 +72,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
-    // EXPERIMENT: JCA_SM90_BWD_VARIANT bit 0 = dQ kernel with Q in registers, bit 2 = Q and dO, bit 1 = dK/dV
-    // kernel with 128-row query steps (D = 64), bit 3 = dK/dV with K in registers (D = 64), bit 4 =
-    // K and V (D = 64).
-    static const int variant = [] {
-      const char* e = std::getenv("JCA_SM90_BWD_VARIANT");
-      return e ? std::atoi(e) : 0;
-    }();
-    cudaError_t e = (variant & 1)   ? launch_dq<BwdDqTraits<D, T, 1>>(p, stream)
-                    : (variant & 4) ? launch_dq<BwdDqTraits<D, T, 2>>(p, stream)
-                                    : launch_dq<BwdDqTraits<D, T, 0>>(p, stream);
-    if (e != cudaSuccess) return e;
-    if constexpr (D == 64) {
-      if (variant & 2) return launch_dkdv<BwdDkvTraits<D, T, false, 128>>(p, stream);
-      if (variant & 16) return launch_dkdv<BwdDkvTraits<D, T, false, 64, 2>>(p, stream);
-      if (variant & 8) return launch_dkdv<BwdDkvTraits<D, T, false, 64, 1>>(p, stream);
-    }
+    if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
