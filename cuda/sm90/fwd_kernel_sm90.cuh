@@ -82,7 +82,8 @@ struct KernelArgs {
   Params p;
 };
 
-template <class Tr, bool kBiasMask>
+// kEmu8: of every 8 exponentials of the fixed-shift softmax, kEmu8 run as ex2_poly (FMA pipe).
+template <class Tr, bool kBiasMask, int kEmu8 = 0>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
   using T = typename Tr::T;
@@ -293,7 +294,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       auto body = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrP); ++i) {
-          float pv = ex2(fmaf(tSrS(i), c2, shift2));
+          const float x = fmaf(tSrS(i), c2, shift2);
+          float pv = (i % 8) < kEmu8 ? ex2_poly(x) : ex2(x);
           if constexpr (decltype(chk)::value) pv = key_ok(i) ? pv : 0.f;
           tSrS(i) = pv;
           lsum[(i >> 1) & 1][(i >> 2) & 1] += pv;  // two independent chains per row

@@ -1,6 +1,7 @@
 // Host side of the sm_90a forward kernel: TMA descriptors over q/k/v, grid, shared memory.
 // Instantiated per (head dim, dtype) in cuda/sm90/inst/*.cu (built for sm_90a only).
 #pragma once
+#include <cstdlib>
 #include "fwd_kernel_sm90.cuh"
 
 namespace jca::sm90 {
@@ -25,7 +26,17 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   // Bias / dense mask: a separate instantiation (with the staged mask's smem), so that the plain
   // kernel carries none of it.
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
-  auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
+  // EXPERIMENT: JCA_SM90_EXP_EMU = eighths of the exponentials on the FMA pipe (0-4).
+  static const int emu = [] {
+    const char* e = std::getenv("JCA_SM90_EXP_EMU");
+    return e ? std::atoi(e) : 0;
+  }();
+  auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true>
+                : emu == 1 ? fwd_kernel_sm90<Tr, false, 1>
+                : emu == 2 ? fwd_kernel_sm90<Tr, false, 2>
+                : emu == 3 ? fwd_kernel_sm90<Tr, false, 3>
+                : emu == 4 ? fwd_kernel_sm90<Tr, false, 4>
+                           : fwd_kernel_sm90<Tr, false, 0>;
   const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
   return launch_big_smem(kernel, args, dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads,
                          smem, stream);

@@ -1,9 +1,11 @@
-"""A/B of sm_90a backward kernel variants (JCA_SM90_BWD_VARIANT, read once per process).
+"""A/B of sm_90a kernel variants selected by an environment variable the launcher reads once
+per process (`--env`, e.g. JCA_SM90_EXP_EMU for the forward's emulated exponentials).
 
-For each head dim: the variant's gradients against the sm_80 kernel's on the same inputs (max
-abs difference relative to the largest magnitude), then the median time of the raw backward FFI
-call (B=4, H=16, N given, bf16, 3 rotating input sets). Prints one JSON line per config.
-Usage: JCA_SM90_BWD_VARIANT=V python -P benchmarks/bwd_variants.py [--dims 64 128] [--seqs 4096]
+For each head dim: the variant's outputs (`--pass fwd`: o and lse; `bwd`: dq, dk, dv) against
+the sm_80 kernel's on the same inputs (max abs difference relative to the largest magnitude),
+then the median time of the raw FFI call (B=4, H=16, N given, bf16, 3 rotating input sets).
+Prints one JSON line per config.
+Usage: JCA_SM90_EXP_EMU=2 python -P benchmarks/kernel_variants.py --pass fwd --env JCA_SM90_EXP_EMU
 """
 import argparse
 import json
@@ -27,19 +29,23 @@ def inputs(rng, B, T, N, D):
 
 
 def make_bwd(causal, sm90):
-    sc = None
-
     @jax.jit
     def run(q, k, v, do, o, lse, sc):
         return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal, groups=1,
                          bounded=True, need_dbias=False, deterministic=False, sm90=sm90)[:3]
-    del sc
     return run
 
 
-@jax.jit
-def fwd(q, k, v, sc):
-    return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=False, groups=1, bounded=True)
+def make_fwd(causal, sm90):
+    @jax.jit
+    def run(q, k, v, do, o, lse, sc):
+        del do, o, lse
+        return _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
+                         bounded=True, sm90=sm90)
+    return run
+
+
+fwd = jax.jit(make_fwd(False, True))
 
 
 def main():
@@ -47,8 +53,11 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--seqs", type=int, nargs="+", default=[4096])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--pass", dest="which", choices=["fwd", "bwd"], default="bwd")
+    ap.add_argument("--env", default="JCA_SM90_BWD_VARIANT")
     a = ap.parse_args()
-    variant = os.environ.get("JCA_SM90_BWD_VARIANT", "0")
+    variant = os.environ.get(a.env, "0")
+    make = make_fwd if a.which == "fwd" else make_bwd
     rng = np.random.default_rng(int(variant) + 1)
     for D in a.dims:
         # correctness on a small causal T != S problem against the sm_80 kernels
@@ -57,8 +66,8 @@ def main():
         sc = jnp.asarray(rng.uniform(5, 15, N), jnp.float32)
         o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=True, groups=1,
                            bounded=True)
-        got = make_bwd(True, True)(q, k, v, do, o, lse, sc)
-        want = make_bwd(True, False)(q, k, v, do, o, lse, sc)
+        got = make(True, True)(q, k, v, do, o, lse, sc)
+        want = make(True, False)(q, k, v, do, o, lse, sc)
         err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
                         / (float(jnp.max(jnp.abs(w.astype(jnp.float32)))) + 1e-9))
                   for g, w in zip(got, want))
@@ -69,9 +78,9 @@ def main():
             sc = jnp.full((N,), 10.0, jnp.float32)
             for _ in range(3):
                 q, k, v, do = inputs(rng, B, S, N, D)
-                o, lse = fwd(q, k, v, sc)
+                o, lse = fwd(q, k, v, None, None, None, sc)
                 sets.append((q, k, v, do, o, lse, sc))
-            run = make_bwd(False, True)
+            run = make(False, True)
             for s in sets:
                 jax.block_until_ready(run(*s))
             times = []
@@ -81,8 +90,8 @@ def main():
                 jax.block_until_ready(run(*s))
                 times.append(time.perf_counter() - t)
             ms = statistics.median(times) * 1e3
-            flops = 2.5 * 4 * B * N * S * S * D
-            print(json.dumps(dict(variant=int(variant), D=D, N=S, bwd_ms=round(ms, 4),
+            flops = (2.5 if a.which == "bwd" else 1.0) * 4 * B * N * S * S * D
+            print(json.dumps(dict(env=a.env, variant=int(variant), D=D, N=S, ms=round(ms, 4),
                                   tflops=round(flops / ms / 1e9, 1), rel_err_vs_sm80=err,
                                   finite=finite)), flush=True)
 
