@@ -23,7 +23,7 @@ for l in open('$OUT/variants.jsonl'):
 print(min(t, key=t.get))")
 echo "== faster variant: $ENV=$best"
 export "$ENV=$best"
-JCA_SKIP_SM80_RERUN=1 JCA_SKIP_SANITIZER=1 JCA_SKIP_BENCH=1 timeout 300 bash "$REPO/scripts/gpu_check.sh" "$OUT" 2>&1 | grep -E "passed|failed|error" | tail -5
+JCA_SKIP_BUILD=1 JCA_SKIP_SM80_RERUN=1 JCA_SKIP_SANITIZER=1 JCA_SKIP_BENCH=1 timeout 300 bash "$REPO/scripts/gpu_check.sh" "$OUT" 2>&1 | grep -E "passed|failed|error" | tail -5
 for c in "" --causal; do
   timeout 200 $PY -P "$REPO/benchmarks/bench.py" --out "$OUT" "$@" $c 2>&1 | grep -v "it/s" | grep -E "^\|" | grep -v "^| D"
 done
