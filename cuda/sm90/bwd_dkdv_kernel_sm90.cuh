@@ -113,8 +113,7 @@ struct BwdDkvArgs {
   Params p;
 };
 
-// kEarlyDv: dV += P^T dO is issued as soon as P^T is packed, so dS^T is computed under it.
-template <class Tr, bool kEarlyDv = false>
+template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     bwd_dkdv_kernel_sm90(CUTE_GRID_CONSTANT const BwdDkvArgs<Tr> args) {
   using T = typename Tr::T;
@@ -290,12 +289,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
       if (check) exps(BoolC<true>{});
       else exps(BoolC<false>{});
-      if constexpr (kEarlyDv) {
-        wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-        warpgroup_wait<1>();  // dP^T has landed; dV may still run
-      } else {
-        warpgroup_wait<0>();
-      }
+      warpgroup_wait<0>();
       warpgroup_fence_operand(tSrdP);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tSrS); i += 2) {
@@ -309,7 +303,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
-    if constexpr (!kEarlyDv) wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+    wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
     if constexpr (Tr::kFuseDq) {
       named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem

@@ -3,7 +3,6 @@
 // batch) -- or, opt-in, the dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc).
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -31,7 +30,7 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
                          stream);
 }
 
-template <class Tr, bool kEarlyDv = false>
+template <class Tr>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   using E = typename Tr::Element;
   constexpr int D = Tr::D;
@@ -50,7 +49,7 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                     gmem_rows_view<float, D>(p.dq_acc, p.T, p.N, p.B),
                     typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}),
       p};
-  return launch_big_smem(bwd_dkdv_kernel_sm90<Tr, kEarlyDv>, args,
+  return launch_big_smem(bwd_dkdv_kernel_sm90<Tr>, args,
                          dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
                          stream);
 }
@@ -74,12 +73,6 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   }
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
     if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
-    // EXPERIMENT: JCA_SM90_BWD_VARIANT=1: dV issued before dS^T is computed.
-    static const int variant = [] {
-      const char* e = std::getenv("JCA_SM90_BWD_VARIANT");
-      return e ? std::atoi(e) : 0;
-    }();
-    if (variant & 1) return launch_dkdv<BwdDkvTraits<D, T, false>, true>(p, stream);
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
