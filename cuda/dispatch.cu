@@ -68,6 +68,10 @@ bool UsesSm90Bwd(const Params& p) {
          p.dbias_mode == DBiasMode::kNone;
 }
 
+bool Sm90BwdFusesNorm(const Params& p) {
+  return UsesSm90Bwd(p) && !(p.sm90_fused_dq && !p.deterministic) && p.norm_groups == 1.f;
+}
+
 #if JCA_HAVE_SM90
 #define JCA_EXTERN_SM90(D)                                                                   \
   extern template cudaError_t sm90::run_fwd<D, __nv_bfloat16>(const Params&, cudaStream_t); \
@@ -95,6 +99,8 @@ cudaError_t LaunchFwd(const Params& p, cudaStream_t stream) {
   JCA_DISPATCH(run_fwd, p, stream);
 }
 cudaError_t LaunchBwd(const Params& p, cudaStream_t stream) {
+  // The caller checks Sm90BwdFusesNorm first; the other kernels cannot fuse the l2norm.
+  if (p.q_raw != nullptr && !Sm90BwdFusesNorm(p)) return cudaErrorInvalidValue;
 #if JCA_HAVE_SM90
   if (UsesSm90Bwd(p)) JCA_DISPATCH_SM90(run_bwd, p, stream);
 #endif

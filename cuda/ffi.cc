@@ -4,10 +4,13 @@
 // Targets (see jax_cosine_attention/_cuda.py for the Python side):
 //   jca_cosattn_fwd(q, k, v, scale, bias, mask, q_len, kv_len) -> (o, lse)
 //       attrs: causal: bool, groups: i64, bounded: bool
-//   jca_cosattn_bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len)
-//       -> (dq_acc f32, dk, dv, dbias f32, workspace u8)
+//   jca_cosattn_bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw)
+//       -> (dq_acc f32, dk, dv, dbias f32, rowdot f32, workspace u8)
 //       attrs: causal: bool, groups: i64, bounded: bool, need_dbias: bool, deterministic: bool,
-//              sm90: bool, sm90_fused_dq: bool
+//              sm90: bool, sm90_fused_dq: bool, norm_eps: f32
+//       norm_eps >= 0: q, k are l2norm(q_raw), l2norm(k_raw) and the l2norm backward is fused
+//       (sm_90a two-kernel backward only): the first result is dq = d/d q_raw in q's dtype, dk
+//       is d/d k_raw, rowdot [B,N,T] = sum_h q dq_acc; else q_raw, k_raw, rowdot are (0,).
 //   jca_l2norm_fwd(x) -> y            x [..., H] bf16/f16, y = l2norm(x) in x's dtype
 //   jca_l2norm_bwd(x, dy) -> dx       dx in x's dtype
 //       attrs: groups: i64, eps: f32   (see l2norm.h; jax_cosine_attention/_l2norm_op.py)
@@ -203,11 +206,13 @@ ffi::Error FwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q, ffi::
 ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ffi::AnyBuffer q,
                    ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
                    ffi::AnyBuffer scale, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                   ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::Result<ffi::AnyBuffer> dq_acc,
+                   ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len, ffi::AnyBuffer q_raw,
+                   ffi::AnyBuffer k_raw, ffi::Result<ffi::AnyBuffer> dq_acc,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                   ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> workspace,
-                   bool causal, int64_t groups, bool bounded, bool need_dbias, bool deterministic,
-                   bool sm90, bool sm90_fused_dq) {
+                   ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> rowdot,
+                   ffi::Result<ffi::AnyBuffer> workspace, bool causal, int64_t groups,
+                   bool bounded, bool need_dbias, bool deterministic, bool sm90,
+                   bool sm90_fused_dq, float norm_eps) {
   jca::Params p;
   p.allow_sm90 = sm90;
   p.sm90_fused_dq = sm90_fused_dq;
@@ -221,8 +226,29 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
   if (lse.element_type() != ffi::F32 ||
       lse.element_count() != size_t(p.B) * size_t(p.N) * size_t(p.T))
     return Invalid("lse must be f32 [B,N,T]");
-  if (!SameDims(*dq_acc, q) || dq_acc->element_type() != ffi::F32)
+  const bool fuse_norm = norm_eps >= 0.f;  // l2norm backward fused (jca.h: Params::q_raw)
+  if (fuse_norm) {
+    p.deterministic = deterministic;
+    if (!jca::Sm90BwdFusesNorm(p))
+      return Invalid("the fused l2norm backward needs the sm_90a two-kernel backward (an sm_90 "
+                     "device, head dim 64 or 128, groups 1, no bias or mask, not "
+                     "sm90_fused_dq)");
+    if (!SameDims(q_raw, q) || q_raw.element_type() != q.element_type() || !SameDims(k_raw, k) ||
+        k_raw.element_type() != k.element_type())
+      return Invalid("q_raw / k_raw must match q / k");
+    if (!SameDims(*dq_acc, q) || dq_acc->element_type() != q.element_type())
+      return Invalid("with norm_eps >= 0 the first result is dq, with q's shape and dtype");
+    if (rowdot->element_type() != ffi::F32 ||
+        rowdot->element_count() != size_t(p.B) * size_t(p.N) * size_t(p.T))
+      return Invalid("rowdot must be f32 [B,N,T]");
+    p.q_raw = q_raw.untyped_data();
+    p.k_raw = k_raw.untyped_data();
+    p.dq_norm = dq_acc->untyped_data();
+    p.rowdot = static_cast<float*>(rowdot->untyped_data());
+    p.norm_eps = norm_eps;
+  } else if (!SameDims(*dq_acc, q) || dq_acc->element_type() != ffi::F32) {
     return Invalid("dq_acc must be f32 with q's shape");
+  }
   if (!SameDims(*dk, k) || dk->element_type() != k.element_type() || !SameDims(*dv, v) ||
       dv->element_type() != v.element_type())
     return Invalid("dk / dv must match k / v");
@@ -247,14 +273,14 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
   p.dout = dout.untyped_data();
   p.out = out.untyped_data();
   p.lse_in = static_cast<const float*>(lse.untyped_data());
-  p.dq_acc = static_cast<float*>(dq_acc->untyped_data());
+  if (!fuse_norm) p.dq_acc = static_cast<float*>(dq_acc->untyped_data());
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
   p.workspace = workspace->untyped_data();
   p.workspace_bytes = workspace->size_bytes();
   if (p.B == 0 || p.N == 0) return ffi::Error::Success();
   if (p.T == 0 || p.S == 0) {  // nothing attends: all gradients are zero
-    for (ffi::Result<ffi::AnyBuffer>* r : {&dq_acc, &dk, &dv, &dbias})
+    for (ffi::Result<ffi::AnyBuffer>* r : {&dq_acc, &dk, &dv, &dbias, &rowdot})
       if ((*r)->size_bytes() > 0)
         if (cudaError_t e = cudaMemsetAsync((*r)->untyped_data(), 0, (*r)->size_bytes(), stream);
             e != cudaSuccess)
@@ -262,7 +288,7 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
     return ffi::Error::Success();
   }
   if (PoisonOutputs()) {
-    for (auto* r : {&dq_acc, &dk, &dv, &workspace})
+    for (auto* r : {&dq_acc, &dk, &dv, &rowdot, &workspace})
       if (cudaError_t e = Poison((*r)->untyped_data(), (*r)->size_bytes(), stream); e != cudaSuccess)
         return CudaErr("poison", e);
   }
@@ -366,10 +392,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // q_len
                                   .Arg<ffi::AnyBuffer>()  // kv_len
-                                  .Ret<ffi::AnyBuffer>()  // dq_acc
+                                  .Arg<ffi::AnyBuffer>()  // q_raw (fused l2norm bwd, else (0,))
+                                  .Arg<ffi::AnyBuffer>()  // k_raw
+                                  .Ret<ffi::AnyBuffer>()  // dq_acc (fused l2norm bwd: dq)
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
                                   .Ret<ffi::AnyBuffer>()  // dbias
+                                  .Ret<ffi::AnyBuffer>()  // rowdot (fused l2norm bwd, else (0,))
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("groups")
@@ -377,7 +406,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaCosAttnBwd, BwdImpl,
                                   .Attr<bool>("need_dbias")
                                   .Attr<bool>("deterministic")
                                   .Attr<bool>("sm90")  // may take the sm_90a kernel
-                                  .Attr<bool>("sm90_fused_dq"),  // ... with the fused dQ
+                                  .Attr<bool>("sm90_fused_dq")  // ... with the fused dQ
+                                  .Attr<float>("norm_eps"),  // >= 0: fuse the l2norm bwd
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JcaL2NormFwd, L2NormFwdImpl,
@@ -419,6 +449,20 @@ NB_MODULE(_jca_cuda, m) {
   m.def("head_dim_supported", [](int d) { return jca::HeadDimSupported(d); });
   m.def("l2norm_supported",
         [](int64_t h, int64_t groups) { return jca::L2NormSupported(h, groups); });
+  // Compute capabilities (major * 10 + minor) of the visible CUDA devices; [] if none.
+  m.def("compute_capabilities", [] {
+    nb::list out;
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+      cudaGetLastError();  // clear it: no device is not an error here
+      return out;
+    }
+    for (int d = 0; d < count; ++d) {
+      auto info = GetDeviceInfo(d);
+      if (!info.has_error()) out.append(info->cc_major * 10 + info->cc_minor);
+    }
+    return out;
+  });
   m.attr("sm90_built") = jca::Sm90KernelsBuilt();
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }

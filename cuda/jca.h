@@ -65,6 +65,18 @@ struct Params {
   int64_t dbias_elems = 0;
   void* workspace = nullptr;        // BwdWorkspaceBytes(...) bytes
   size_t workspace_bytes = 0;
+
+  // ---- l2norm backward fused into the backward's epilogues (sm_90a two-kernel backward only;
+  // q and k above are then l2norm(q_raw), l2norm(k_raw) with groups = 1). Instead of dq_acc the
+  // dQ kernel writes dq_norm = d/d q_raw (q dtype) and rowdot [B,N,T] f32 = sum_h q dq_acc (for
+  // dscale); the dK/dV kernel writes d/d k_raw into dk. The l2norm backward per row, as
+  // jca_l2norm_bwd: dx = dy / n - c <x,dy> x / n^3, n = sqrt(max(|x|^2, eps^2)), c = 1 (|x| >
+  // eps), 1/2 (tie), 0 (below).
+  const void* q_raw = nullptr;      // [B,T,N,H], q dtype; null: plain backward
+  const void* k_raw = nullptr;      // [B,S,K,H]
+  void* dq_norm = nullptr;          // [B,T,N,H], q dtype
+  float* rowdot = nullptr;          // [B,N,T] f32
+  float norm_eps = 0.f;
 };
 
 // Head dims with compiled kernels.
@@ -77,6 +89,9 @@ bool UsesSm90Fwd(const Params& p);
 // Whether LaunchBwd takes the sm_90a kernels (deterministic: dQ and dK/dV kernels without
 // atomics): an sm_90 device, head dim 64 or 128, no bias, no dense mask.
 bool UsesSm90Bwd(const Params& p);
+// Whether LaunchBwd can fuse the l2norm backward (Params::q_raw): UsesSm90Bwd with the two-kernel
+// backward (not sm90_fused_dq).
+bool Sm90BwdFusesNorm(const Params& p);
 // Bytes of XLA-owned scratch the backward needs (delta and log2-lse, f32 [B,N,T] each).
 size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T);
 // Largest dynamic shared memory (bytes) any kernel for head dim d needs.

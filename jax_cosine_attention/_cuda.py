@@ -6,11 +6,13 @@ Core contract (per-device arrays, static shapes; see `_ops.py`):
       -> o [B,T,N,H] (q dtype), lse [B,N,T] f32 (natural log, -inf for rows with no valid key)
   bwd(do, q, k, v, o, lse, scale, bias?, mask?, q_len?, kv_len?)
       -> dq_acc f32 [B,T,N,H] (unscaled), dk, dv (q dtype), dbias f32 in the bias's shape or None
+      (or, with the l2norm backward fused: see `bwd`'s norm_eps)
 
 Absent optional operands, and dbias when it is not needed, cross the FFI boundary as zero-size
 (0,) arrays. The bias is passed as f32 (converted here when it is bf16/f16); the mask as bool.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -152,24 +154,55 @@ def fwd(q, k, v, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
 
 
 def bwd(do, q, k, v, o, lse, scale, bias, mask, q_len, kv_len, *, causal, groups, bounded,
-        need_dbias, deterministic, sm90=None, fused_dq=None):
+        need_dbias, deterministic, sm90=None, fused_dq=None, q_raw=None, k_raw=None,
+        norm_eps=None):
     """sm90: may the sm_90a kernel run (None: unless JCA_SM90=0); fused_dq: the sm_90a backward
-    with the fused dQ (None: if JCA_SM90_FUSED_DQ=1)."""
+    with the fused dQ (None: if JCA_SM90_FUSED_DQ=1).
+
+    norm_eps (with q_raw, k_raw; where `fuses_norm_bwd`): q, k are l2norm(q_raw), l2norm(k_raw)
+    (groups 1, this eps) and the kernels apply the l2norm backward in their epilogues. Returns
+    (dq, dk, dv, None, rowdot) then: dq, dk the gradients of q_raw, k_raw (input dtype), rowdot
+    [B,N,T] f32 = sum_h q * dq_acc (dscale's per-row terms); else (dq_acc, dk, dv, dbias)."""
     sm90 = sm90_enabled() if sm90 is None else bool(sm90)
     fused_dq = sm90_fused_dq_enabled() if fused_dq is None else bool(fused_dq)
+    norm = norm_eps is not None
     B, T, N, _ = q.shape
     need_dbias = bool(need_dbias) and bias is not None
     dbias_type = (_result(bias, bias.shape, jnp.float32, (0, 1, 2, 3)) if need_dbias
                   else _result(q, (0,), jnp.float32))
-    out_types = (_result(q, q.shape, jnp.float32, (0, 1, 2, 3)),
+    out_types = (_result(q, q.shape, q.dtype if norm else jnp.float32, (0, 1, 2, 3)),
                  _result(k, k.shape, k.dtype, (0, 1, 2, 3)),
                  _result(v, v.shape, v.dtype, (0, 1, 2, 3)),
                  dbias_type,
+                 (_result(q, (B, N, T), jnp.float32, (0, 2, 1)) if norm
+                  else _result(q, (0,), jnp.float32)),
                  _result(q, (bwd_workspace_bytes(B, N, T),), jnp.uint8))
+    raw = (q_raw, k_raw) if norm else (_empty(q, q.dtype), _empty(k, k.dtype))
     call = jax.ffi.ffi_call(BWD_TARGET, out_types, vmap_method="sequential")
-    dq_acc, dk, dv, dbias, _ = call(
+    dq, dk, dv, dbias, rowdot, _ = call(
         do, q, k, v, o, lse, scale.astype(jnp.float32), *_opts(q, bias, mask, q_len, kv_len),
-        causal=bool(causal), groups=int(groups), bounded=bool(bounded),
+        *raw, causal=bool(causal), groups=int(groups), bounded=bool(bounded),
         need_dbias=need_dbias, deterministic=bool(deterministic), sm90=sm90,
-        sm90_fused_dq=fused_dq)
-    return dq_acc, dk, dv, (dbias if need_dbias else None)
+        sm90_fused_dq=fused_dq, norm_eps=np.float32(norm_eps if norm else -1.0))
+    if norm:
+        return dq, dk, dv, None, rowdot
+    return dq, dk, dv, (dbias if need_dbias else None)
+
+
+def fuses_norm_bwd(head_dim, dtype):
+    """Whether `bwd(..., norm_eps=...)` serves this call: the sm_90a two-kernel backward on every
+    visible device (sm_90, head dim 64 or 128, bf16/f16; the caller checks: groups 1, no bias or
+    mask). JCA_FUSED_NORM_BWD=0 (read at trace) turns it off (A/B)."""
+    if not (AVAILABLE and SM90_BUILT and sm90_enabled() and not sm90_fused_dq_enabled()):
+        return False
+    if os.environ.get("JCA_FUSED_NORM_BWD", "1") == "0":
+        return False
+    if int(head_dim) not in (64, 128) or np.dtype(dtype) not in DTYPES:
+        return False
+    ccs = _compute_capabilities()
+    return bool(ccs) and all(cc == 90 for cc in ccs)
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capabilities():
+    return tuple(_C.compute_capabilities())

@@ -82,7 +82,7 @@ def _ffi_bwd(x, dy, *, groups, eps):
     return call(x, dy.astype(x.dtype), groups=np.int64(groups), eps=np.float32(eps))
 
 
-def _xla_bwd(x, dy, *, groups, eps):
+def xla_bwd(x, dy, *, groups, eps):
     _, vjp = jax.vjp(lambda x: xla_l2norm(x, groups, eps), x)
     return vjp(dy.astype(x.dtype))[0]
 
@@ -96,7 +96,7 @@ def _local_fwd(groups, eps, x):
 
 
 def _local_bwd(groups, eps, x, dy):
-    xla = functools.partial(_xla_bwd, groups=groups, eps=eps)
+    xla = functools.partial(xla_bwd, groups=groups, eps=eps)
     if not _cuda.AVAILABLE:
         return xla(x, dy)
     return jax.lax.platform_dependent(
@@ -166,6 +166,11 @@ def _batched(kind, groups, eps):
 
 
 # ---------------------------------------------------------------- differentiation
+
+def l2norm_vjp(x, dy, groups: int = 1, eps: float = DEFAULT_EPS):
+    """dx of `l2norm` at x for cotangent dy, through the fused backward kernel on CUDA."""
+    return _batched("bwd", int(groups), float(eps))(x, dy.astype(x.dtype))
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _l2norm(x, groups, eps):

@@ -11,6 +11,13 @@ Core contract, shared by `_xla` and `_cuda` (both see per-device arrays):
   backward(do, q, k, v, out, lse, scale, ...)
       -> dq_acc [B,T,N,H] f32 WITHOUT the scale factor, dk, dv, dbias f32 in the bias's shape
   dq = scale * dq_acc and dscale = sum(q * dq_acc) are then formed here, in XLA.
+
+With Config.norm_eps set (the CUDA path where `_cuda.fuses_norm_bwd`: groups 1, no bias or
+mask) the op also owns the l2norm of q and k: the custom_vjp takes the raw q, k, normalises
+them in its forward (`_l2norm_op.l2norm`), and its backward op takes q_raw, k_raw as two extra
+operands and returns (dq, dk, dv, rowdot): dq, dk the gradients of the raw inputs (the kernels
+apply the l2norm backward in their epilogues; elsewhere `_finish_norm` does it in XLA) and
+rowdot [B,N,T] = sum_h q * dq_acc, whose sum over b and t is dscale.
 """
 
 import functools
@@ -22,7 +29,7 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _cuda, _xla
+from . import _cuda, _l2norm_op, _xla
 
 OPTIONALS = ("bias", "mask", "q_len", "kv_len")
 
@@ -38,6 +45,7 @@ class Config(NamedTuple):
     bias_full: tuple | None  # per bias dim: True if full size, False if broadcast (size 1)
     mask_full: tuple | None
     need_dbias: bool
+    norm_eps: float | None = None  # l2norm of q, k fused into the op (see the module docstring)
 
 
 def _unpack(cfg, opt):
@@ -68,6 +76,8 @@ def _local_fwd(cfg, q, k, v, scale, *opt):
 
 
 def _local_bwd(cfg, do, q, k, v, out, lse, scale, *opt):
+    if cfg.norm_eps is not None:
+        return _local_bwd_norm(cfg, do, q, k, v, out, lse, scale, *opt)
     bias, mask, q_len, kv_len = _unpack(cfg, opt)
     xla = functools.partial(_xla.backward, is_causal=cfg.is_causal, need_dbias=cfg.need_dbias)
     args = (do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len)
@@ -79,6 +89,42 @@ def _local_bwd(cfg, do, q, k, v, out, lse, scale, *opt):
                                  deterministic=cfg.deterministic)
         res = jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
     return tuple(r for r in res if r is not None)
+
+
+def _finish_norm(eps, res, q, scale, q_raw, k_raw):
+    """(dq_acc, dk, dv[, dbias]) of the normalised q, k -> (dq, dk, dv[, dbias], rowdot) of the
+    raw ones: the l2norm backward in XLA (where the kernels cannot fuse it)."""
+    dq_acc, dk, dv = res[:3]
+    rowdot = jnp.einsum("btnh,btnh->bnt", q.astype(jnp.float32), dq_acc)
+    dq = _l2norm_op.xla_bwd(q_raw, dq_acc * scale.astype(jnp.float32)[None, None, :, None],
+                            groups=1, eps=eps)
+    dk = _l2norm_op.xla_bwd(k_raw, dk, groups=1, eps=eps)
+    return (dq, dk, dv) + tuple(res[3:]) + (rowdot,)
+
+
+def _local_bwd_norm(cfg, do, q, k, v, out, lse, scale, *opt):
+    """`_local_bwd` with the l2norm backward (cfg.norm_eps): opt ends with q_raw, k_raw."""
+    *opt, q_raw, k_raw = opt
+    bias, mask, q_len, kv_len = _unpack(cfg, opt)
+    args = (do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw)
+    plain = cfg._replace(norm_eps=None)
+
+    def xla(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw):
+        res = _local_bwd(plain, do, q, k, v, out, lse, scale,
+                         *(x for x in (bias, mask, q_len, kv_len) if x is not None))
+        return _finish_norm(cfg.norm_eps, res, q, scale, q_raw, k_raw)
+
+    if not _use_kernel(cfg, q, k, v, bias, mask):
+        return xla(*args)
+
+    def cuda(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw):
+        res = _cuda.bwd(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len,
+                        causal=cfg.is_causal, groups=1, bounded=cfg.bounded, need_dbias=False,
+                        deterministic=cfg.deterministic, q_raw=q_raw, k_raw=k_raw,
+                        norm_eps=cfg.norm_eps)
+        return tuple(r for r in res if r is not None)
+
+    return jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
 
 
 # ---------------------------------------------------------------- sharding
@@ -107,7 +153,10 @@ def _rules(cfg, G, K):
     qr, kr, vr = f"b t {hq} h", f"b s {hk} h", f"b s {hk} e"
     fwd = ", ".join([qr, kr, vr, hq] + opt) + f" -> b t {hq} e, b {hq} t"
     outs = [qr, kr, vr] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
-    bwd = (", ".join([f"b t {hq} e", qr, kr, vr, f"b t {hq} e", f"b {hq} t", hq] + opt)
+    raw = []
+    if cfg.norm_eps is not None:  # q_raw, k_raw in; rowdot out
+        raw, outs = [qr, kr], outs + [f"b {hq} t"]
+    bwd = (", ".join([f"b t {hq} e", qr, kr, vr, f"b t {hq} e", f"b {hq} t", hq] + opt + raw)
            + " -> " + ", ".join(outs))
     sizes = {"g": G} if K > 1 and G > 1 else {}
     return fwd, bwd, sizes
@@ -209,7 +258,18 @@ def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
     plan = _plan(mesh, arg_shapes[1].sharding, N, K)
     b, hq, hk = plan
-    _, bwd, seq = _ring_plan(cfg, mesh, arg_shapes[1], arg_shapes[2])
+    norm = cfg.norm_eps is not None
+    _, bwd, seq = _ring_plan(cfg._replace(norm_eps=None) if norm else cfg, mesh, arg_shapes[1],
+                             arg_shapes[2])
+    if norm and seq is not None:  # ring attention, then the l2norm backward on the local rows
+        ring_bwd = bwd
+
+        def bwd(do, q, k, v, out, lse, scale, *opt):
+            *opt, q_raw, k_raw = opt
+            res = ring_bwd(do, q, k, v, out, lse, scale, *opt)
+            return _finish_norm(cfg.norm_eps, res, q, scale, q_raw, k_raw)
+    elif norm:
+        bwd = functools.partial(_local_bwd, cfg)
     q, kv, rows, heads, opt = _shardings(cfg, mesh, plan, seq)
     # Gradients of operands replicated over a sharded axis are partial sums on each device.
     kv_sum = _as_tuple(hq) if hk is None else ()
@@ -222,12 +282,16 @@ def _bwd_partition(cfg, mesh, arg_shapes, result_shape):
 
     def lower(*args):
         res = list(bwd(*args))
+        # (with the l2norm backward fused, dk is linear in the partial dk of the normalised k)
         res[1], res[2] = _psum(res[1], kv_sum), _psum(res[2], kv_sum)
         if cfg.need_dbias:
             res[3] = _psum(res[3], dbias_sum)
         return tuple(res)
 
-    return mesh, _meshless(lower), tuple(outs), (q, q, kv, kv, q, rows, heads, *opt)
+    raw = (q, kv) if norm else ()
+    if norm:
+        outs.append(rows)
+    return mesh, _meshless(lower), tuple(outs), (q, q, kv, kv, q, rows, heads, *opt, *raw)
 
 
 def _fwd_infer(cfg, mesh, arg_shapes, result_shape):
@@ -240,8 +304,10 @@ def _fwd_infer(cfg, mesh, arg_shapes, result_shape):
 def _bwd_infer(cfg, mesh, arg_shapes, result_shape):
     N, K = arg_shapes[1].shape[2], arg_shapes[2].shape[2]
     seq = _ring_plan(cfg, mesh, arg_shapes[1], arg_shapes[2])[2]
-    q, kv, _, _, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[1].sharding, N, K), seq)
+    q, kv, rows, _, opt = _shardings(cfg, mesh, _plan(mesh, arg_shapes[1].sharding, N, K), seq)
     outs = [q, kv, kv] + ([opt[cfg.present.index("bias")]] if cfg.need_dbias else [])
+    if cfg.norm_eps is not None:
+        outs.append(rows)
     return tuple(outs)
 
 
@@ -287,7 +353,8 @@ def _fold(x, batched, size):
 def _batched(kind, cfg, G, K):
     sharded = _partitioned(kind, cfg, G, K)
     names = (("do",) if kind == "bwd" else ()) + ("q", "k", "v") \
-        + (("out", "lse") if kind == "bwd" else ()) + ("scale",) + cfg.present
+        + (("out", "lse") if kind == "bwd" else ()) + ("scale",) + cfg.present \
+        + (("q_raw", "k_raw") if kind == "bwd" and cfg.norm_eps is not None else ())
 
     @jax.custom_batching.custom_vmap
     def op(*arrays):
@@ -329,12 +396,20 @@ def _batched(kind, cfg, G, K):
 # ---------------------------------------------------------------- differentiation
 
 def attention_core(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
-    """Differentiable core: returns out [B,T,N,Hv]."""
+    """Differentiable core: returns out [B,T,N,Hv]. With cfg.norm_eps, q and k are the raw
+    inputs, l2-normalised here (groups 1)."""
     return _core(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
+
+
+def _normalized(q, k, cfg):
+    if cfg.norm_eps is None:
+        return q, k
+    return (_l2norm_op.l2norm(q, 1, cfg.norm_eps), _l2norm_op.l2norm(k, 1, cfg.norm_eps))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _core(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
+    q, k = _normalized(q, k, cfg)
     out, _ = _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
     return out
 
@@ -353,11 +428,13 @@ def _core_fwd(q, k, v, scale, bias, mask, q_len, kv_len, cfg):
     # symbolic_zeros: each argument arrives as CustomVJPPrimal(value, perturbed). A bias nobody
     # differentiates (ALiBi, a fixed relative-position table) then skips the dbias work.
     bias_grad = bias is not None and bias.perturbed
-    q, k, v, scale, bias, mask, q_len, kv_len = custom_vjp_primal_tree_values(
+    q_raw, k_raw, v, scale, bias, mask, q_len, kv_len = custom_vjp_primal_tree_values(
         (q, k, v, scale, bias, mask, q_len, kv_len))
+    q, k = _normalized(q_raw, k_raw, cfg)
     out, lse = _forward(q, k, v, scale, bias, mask, q_len, kv_len, cfg)
     dbias_marker = () if bias_grad else None  # static, carried as the residuals' structure
-    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker)
+    raw = (q_raw, k_raw) if cfg.norm_eps is not None else None
+    return out, (q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker, raw)
 
 
 def _like(x, like):
@@ -370,18 +447,24 @@ def _like(x, like):
 
 
 def _core_bwd(cfg, res, do):
-    q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker = res
+    q, k, v, scale, bias, mask, q_len, kv_len, out, lse, dbias_marker, raw = res
     cfg = cfg._replace(need_dbias=dbias_marker is not None)
     if isinstance(do, SymbolicZero):
         do = jnp.zeros(out.shape, out.dtype)
     K = k.shape[2]
     grads = _batched("bwd", cfg, q.shape[2] // K, K)(do, q, k, v, out, lse, scale,
-                                                     *_present(bias, mask, q_len, kv_len))
+                                                     *_present(bias, mask, q_len, kv_len),
+                                                     *(raw or ()))
+    dbias = _like(grads[3], bias) if cfg.need_dbias else None
+    if raw is not None:  # gradients of the raw q, k; rowdot [B,N,T] -> dscale
+        q_raw, k_raw = raw
+        dq, dk, dv, rowdot = grads
+        dscale = _like(jnp.sum(rowdot, axis=(0, 2)), scale)
+        return _like(dq, q_raw), _like(dk, k_raw), _like(dv, v), dscale, None, None, None, None
     dq_acc, dk, dv = grads[:3]
     scale_f32 = scale.astype(jnp.float32)
     dq = _like(dq_acc * scale_f32[None, None, :, None], q)
     dscale = _like(jnp.sum(q.astype(jnp.float32) * dq_acc, axis=(0, 1, 3)), scale)
-    dbias = _like(grads[3], bias) if cfg.need_dbias else None
     return dq, _like(dk, k), _like(dv, v), dscale, dbias, None, None, None
 
 

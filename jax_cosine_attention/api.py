@@ -85,6 +85,11 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
                                         c.k.shape[2])
     else:
         plan = _explicit_mesh_plan(c)
+    if plan is None and _fuses_norm(c, impl, groups, l2norm_qk):
+        # The op normalises q, k itself and its kernels apply the l2norm backward.
+        cfg = cfg._replace(norm_eps=float(eps))
+        out = attention_core(c.q, c.k, c.v, c.scale, None, None, c.q_len, c.kv_len, cfg)
+        return out[0] if c.unbatched else out
     q, k = _normalize_qk(c, impl, groups, eps, l2norm_qk, plan if mesh is not None else None)
     ring = None
     if plan is not None and mesh is None:  # Explicit mesh, sequence sharded: ring attention
@@ -97,6 +102,16 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
     else:
         out = _under_shard_map(plan, cfg, q, k, c)
     return out[0] if c.unbatched else out
+
+
+def _fuses_norm(c, impl, groups, l2norm_qk):
+    """Whether the l2norm of q and k goes inside the op with its backward fused into the kernels'
+    epilogues (`_cuda.fuses_norm_bwd`): the CUDA path, groups 1, no bias or mask, the fused
+    l2norm kernels on (JCA_FUSED_L2NORM), same head dim for q and v."""
+    return (impl == "cuda" and l2norm_qk and groups == 1 and c.bias is None and c.mask is None
+            and _l2norm_op.enabled() and c.q.shape[-1] == c.v.shape[-1]
+            and _l2norm_op.kernel_supports(c.q.shape[-1], 1, c.q.dtype)
+            and _cuda.fuses_norm_bwd(c.q.shape[-1], c.q.dtype))
 
 
 def _normalize_qk(c, impl, groups, eps, l2norm_qk, shard_plan):

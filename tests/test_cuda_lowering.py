@@ -65,6 +65,32 @@ def test_public_op_lowers_to_kernels(cuda_on):
     assert names == {"jca_cosattn_fwd", "jca_cosattn_bwd"}
 
 
+def test_public_op_with_the_l2norm_backward_fused(cuda_on, monkeypatch):
+    """Where the sm_90a kernels fuse the l2norm backward (monkeypatched: no device here), the
+    public op's backward is one attention custom call with norm_eps and the raw q, k, and no
+    l2norm backward call; the forward keeps the fused l2norm kernel."""
+    import jax_cosine_attention as jca
+    monkeypatch.setattr(_cuda, "fuses_norm_bwd", lambda head_dim, dtype: True)
+    q = jnp.zeros((2, 64, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((2, 48, 2, 64), jnp.bfloat16)
+    kl = jnp.full((2,), 40, jnp.int32)
+
+    def loss(q, k, v, scale):
+        out = jca.cosine_sim_attention(q, k, v, scale=scale, is_causal=True,
+                                       key_value_seq_lengths=kl, eps=1e-5)
+        return jnp.sum(out.astype(jnp.float32))
+
+    scale = jnp.full((4,), 10.0, jnp.float32)
+    txt = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, scale).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = _calls(txt)
+    assert sorted(n for n, _ in calls) == ["jca_cosattn_bwd", "jca_cosattn_fwd"], txt[:2000]
+    bwd = dict(calls)["jca_cosattn_bwd"]
+    assert "norm_eps = 9.99999974E-6" in bwd or "norm_eps = 1.000000e-05" in bwd, bwd
+    assert "jca_l2norm_fwd" in txt and "jca_l2norm_bwd" not in txt
+    assert "tensor<2x4x64xf32>" in txt  # rowdot [B,N,T]
+
+
 def test_unsupported_reasons(cuda_on):
     ok = _cuda.unsupported_reason((2, 8, 4, 64), (2, 8, 2, 64), (2, 8, 2, 64), jnp.bfloat16,
                                   (1, 4, 8, 8), jnp.float32, (2, 1, 1, 8))

@@ -43,3 +43,11 @@ def test_shard_map_helper(results):
     assert r["max_err"] < 1e-4, r
     # The gradient of the replicated per-head scale is the only cross-device reduction.
     assert set(r["collectives"]) <= {"all-reduce"}, r
+
+
+def test_norm_op_sharding(results):
+    """The op with the l2norm inside (the CUDA path's fused-l2norm-backward route): same numbers
+    sharded; only the per-head scale's gradient is reduced across devices."""
+    r = results["norm_op"]
+    assert r["max_err"] < 1e-4, r
+    assert set(r["collectives"]) <= {"all-reduce"}, r

@@ -358,6 +358,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t krow = int64_t(p.KH) * D;
   T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.S * krow + int64_t(kh) * D;
   T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  if (p.k_raw != nullptr) {  // the l2norm backward fused (Params::k_raw): dk = d/d k_raw
+    const T* xb = static_cast<const T*>(p.k_raw) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+    float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int h = (i >> 1) & 1, s = s0 + get<0>(tKVc(i));
+      if (s >= p.S) continue;
+      const float2 x = load_pair(xb + int64_t(s) * krow + get<1>(tKVc(i)));
+      sumsq[h] += x.x * x.x + x.y * x.y;
+      x_dk[h] += x.x * tdKrdK(i) + x.y * tdKrdK(i + 1);
+    }
+    const float eps2 = p.norm_eps * p.norm_eps;
+    const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), quad_sum(x_dk[0]), eps2),
+                                  L2NormBwdRow(quad_sum(sumsq[1]), quad_sum(x_dk[1]), eps2)};
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int h = (i >> 1) & 1, s = s0 + get<0>(tKVc(i));
+      if (s >= p.S) continue;
+      const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
+      const float2 x = load_pair(xb + off);
+      tdKrdK(i) = rows[h].a * tdKrdK(i) - rows[h].b * x.x;
+      tdKrdK(i + 1) = rows[h].a * tdKrdK(i + 1) - rows[h].b * x.y;
+    }
+  }
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < size(tdKrdK); i += 2) {
     const int s = s0 + get<0>(tKVc(i));

@@ -64,6 +64,48 @@ struct BwdDqTraits {
   static constexpr size_t kSmem = sizeof(SharedStorage);
 };
 
+// Epilogue with the l2norm backward fused: this thread's dq_acc elements (two rows, columns
+// spread over the lanes of a quad) -> dq_norm = l2norm_bwd(q_raw row, scale * dq_acc row) in q's
+// dtype and rowdot = <q, dq_acc> per row (q = the normalised operand in smem).
+template <class Tr, class Acc, class Coord, class SQ>
+__device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& acc,
+                                                    const Coord& coord, const SQ& sQ, int t0,
+                                                    int n, int b) {
+  using T = typename Tr::T;
+  constexpr int D = Tr::D;
+  const float sc = p.scale[n];
+  const int64_t row_stride = int64_t(p.N) * D;
+  const T* x0 = static_cast<const T*>(p.q_raw) + (int64_t(b) * p.T * p.N + n) * D;
+  T* dx0 = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T * p.N + n) * D;
+  float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f}, q_acc[2] = {0.f, 0.f};
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
+    if (t0 + r >= p.T) continue;
+    const float2 x = load_pair(x0 + int64_t(t0 + r) * row_stride + c);
+    sumsq[h] += x.x * x.x + x.y * x.y;
+    x_acc[h] += x.x * acc(i) + x.y * acc(i + 1);
+    q_acc[h] += float(sQ(r, c)) * acc(i) + float(sQ(r, c + 1)) * acc(i + 1);
+  }
+  L2NormBwdRow rows[2] = {
+      L2NormBwdRow(quad_sum(sumsq[0]), sc * quad_sum(x_acc[0]), p.norm_eps * p.norm_eps),
+      L2NormBwdRow(quad_sum(sumsq[1]), sc * quad_sum(x_acc[1]), p.norm_eps * p.norm_eps)};
+  q_acc[0] = quad_sum(q_acc[0]);
+  q_acc[1] = quad_sum(q_acc[1]);
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
+    if (t0 + r >= p.T) continue;
+    const int64_t off = int64_t(t0 + r) * row_stride + c;
+    const float2 x = load_pair(x0 + off);  // (an L1 hit: read just above)
+    const L2NormBwdRow& f = rows[h];
+    *reinterpret_cast<uint32_t*>(dx0 + off) =
+        MmaOp<T>::pack(f.a * sc * acc(i) - f.b * x.x, f.a * sc * acc(i + 1) - f.b * x.y);
+    if (i < 4 && threadIdx.x % 4 == 0)  // the row's first column pair: one lane per row
+      p.rowdot[(int64_t(b) * p.N + n) * p.T + t0 + r] = q_acc[h];
+  }
+}
+
 template <class Tr>
 struct BwdDqArgs {
   typename Tr::TmaQ tma_q, tma_do;
@@ -271,6 +313,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     release(st);
   }
 
+  if (p.q_raw != nullptr) {  // the l2norm backward fused (Params::q_raw)
+    store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, sQ, t0, n, b);
+    return;
+  }
   // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).
   float* dq = p.dq_acc + (int64_t(b) * p.T * p.N + n) * D;
   CUTLASS_PRAGMA_UNROLL

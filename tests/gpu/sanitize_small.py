@@ -78,3 +78,30 @@ for H, dt in ((64, jnp.bfloat16), (128, jnp.float16)):
         errs.append(f"{name} {err:.1e}")
     print(f"sanitize_small sm90 H={H} {jnp.dtype(dt).name}: ok ({', '.join(errs)}; "
           f"sm_90a built {_cuda.SM90_BUILT})")
+
+    # The l2norm backward fused into the epilogues: raw q, k (q, k above are their l2norms) ->
+    # gradients of the raw inputs, against the unfused kernels + the l2norm backward kernel.
+    if _cuda.fuses_norm_bwd(H, dt):
+        from jax_cosine_attention import _l2norm_op
+        qr = jnp.asarray(rng.standard_normal((B, T, N, H)) * 3, dt).at[0, 5].set(0)
+        kr = jnp.asarray(rng.standard_normal((B, S, K, H)) * 0.5, dt)
+        qn, kn = _l2norm_op.l2norm(qr, 1, 1e-6), _l2norm_op.l2norm(kr, 1, 1e-6)
+        o, lse = _cuda.fwd(qn, kn, v, sc, None, None, ql, kl, causal=True, groups=1, bounded=True)
+        dq, dk, _, _, rowdot = _cuda.bwd(do, qn, kn, v, o, lse, sc, None, None, ql, kl,
+                                         causal=True, groups=1, bounded=True, need_dbias=False,
+                                         deterministic=False, q_raw=qr, k_raw=kr, norm_eps=1e-6)
+        dq_acc, dk_hat = _cuda.bwd(do, qn, kn, v, o, lse, sc, None, None, ql, kl, causal=True,
+                                   groups=1, bounded=True, need_dbias=False,
+                                   deterministic=False)[:2]
+        want_dq = _l2norm_op.l2norm_vjp(qr, (dq_acc * 10.0).astype(dt), 1, 1e-6)
+        want_dk = _l2norm_op.l2norm_vjp(kr, dk_hat, 1, 1e-6)
+        want_rowdot = jnp.einsum("btnh,btnh->bnt", qn.astype(jnp.float32), dq_acc)
+        errs = []
+        for name, x, y in (("dq", dq, want_dq), ("dk", dk, want_dk), ("rowdot", rowdot,
+                                                                        want_rowdot)):
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            assert np.all(np.isfinite(x)), name
+            err = np.abs(x - y).max() / max(1.0, np.abs(y).max())
+            assert err < 3e-2, f"fused l2norm backward {name}: relative max diff {err}"
+            errs.append(f"{name} {err:.1e}")
+        print(f"sanitize_small sm90 fused l2norm bwd H={H}: ok ({', '.join(errs)})")
