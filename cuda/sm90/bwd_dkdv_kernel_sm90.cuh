@@ -87,6 +87,9 @@ struct BwdDkvTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     alignas(1024) cute::array_aligned<float, 8 * kDqWarpFloats> dq;  // 8 consumer warps
   };
+  struct RawKStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+  };
   struct NoStorage {  // the plain kernel: placeholders that are never accessed
     cute::array_aligned<Element, 8> ds;
     cute::array_aligned<float, 4> dq;
@@ -98,8 +101,10 @@ struct BwdDkvTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     std::conditional_t<kFuseDq, DqStorage, NoStorage> fused;
+    // the raw k rows for the fused l2norm backward (Params::k_raw; never with FuseDq)
+    std::conditional_t<kFuseDq, NoStorage, RawKStorage> raw;
     float lse2[STAGES][BM], delta[STAGES][BM];
-    alignas(8) uint64_t kv_full;
+    alignas(8) uint64_t kv_full, raw_full;
     uint64_t q_full[STAGES], q_empty[STAGES];
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
@@ -108,14 +113,17 @@ struct BwdDkvTraits {
 template <class Tr>
 struct BwdDkvArgs {
   typename Tr::TmaQ tma_q, tma_do;
-  typename Tr::TmaKV tma_k, tma_v;
+  typename Tr::TmaKV tma_k, tma_v, tma_k_raw;  // tma_k_raw: Params::k_raw (else unused)
   typename Tr::TmaDq tma_dq;  // read by the FuseDq kernel only
   Params p;
 };
 
-template <class Tr>
+// kNorm: the l2norm backward of k fused into the epilogue (Params::k_raw set; never with
+// FuseDq); a separate instantiation, so the plain kernel carries none of it.
+template <class Tr, bool kNorm>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     bwd_dkdv_kernel_sm90(CUTE_GRID_CONSTANT const BwdDkvArgs<Tr> args) {
+  static_assert(!(kNorm && Tr::kFuseDq));
   using T = typename Tr::T;
   using Element = typename Tr::Element;
   using FullBar = cutlass::arch::ClusterTransactionBarrier;
@@ -142,6 +150,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (threadIdx.x == 0) {
     FullBar::init(&ss.kv_full, 1);
+    FullBar::init(&ss.raw_full, 1);
     CUTLASS_PRAGMA_UNROLL
     for (int s = 0; s < STAGES; ++s) {
       // Every thread that writes or reads the staged lse2 / delta rows arrives itself (its own
@@ -181,6 +190,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
       copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
       copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
+      if constexpr (kNorm) {
+        {  // raw k rows for the epilogue: land while the main loop runs
+          Tensor mKr = args.tma_k_raw.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+          Tensor gKr = local_tile(mKr(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+          Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
+          auto tkr = args.tma_k_raw.get_slice(_0{});
+          FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kKVBytes);
+          copy(args.tma_k_raw.with(ss.raw_full, 0), tkr.partition_S(gKr), tkr.partition_D(sKr));
+        }
+      }
     }
     Tensor tQs = tq.partition_D(sQ);    // (TMA, TMA_M, TMA_K, STAGES)
     Tensor tdOs = tdo.partition_D(sdO);
@@ -358,37 +377,57 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t krow = int64_t(p.KH) * D;
   T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.S * krow + int64_t(kh) * D;
   T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.S * krow + int64_t(kh) * D;
-  if (p.k_raw != nullptr) {  // the l2norm backward fused (Params::k_raw): dk = d/d k_raw
-    const T* xb = static_cast<const T*>(p.k_raw) + int64_t(b) * p.S * krow + int64_t(kh) * D;
-    float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
+  if constexpr (kNorm) {
+    // dV first: its registers are free for the l2norm backward of dK below.
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdVrdV); i += 2) {
+      const int s = s0 + get<0>(tKVc(i));
+      if (s < p.S)
+        *reinterpret_cast<uint32_t*>(dvb + int64_t(s) * krow + get<1>(tKVc(i))) =
+            MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
+    }
+    // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
+    if (steps > 0) {
+      FullBar::wait(&ss.raw_full, 0);
+      Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
+      Tensor tKVsKr = thr_kv.partition_C(sKr);  // the raw k elements of this thread's dK ones
+      auto x_at = [&](int i) { return make_float2(float(tKVsKr(i)), float(tKVsKr(i + 1))); };
+      float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tdKrdK); i += 2) {  // (rows past S: zero-filled, dK zero)
+        const int h = (i >> 1) & 1;
+        const float2 x = x_at(i);
+        sumsq[h] += x.x * x.x + x.y * x.y;
+        x_dk[h] += x.x * tdKrdK(i) + x.y * tdKrdK(i + 1);
+      }
+      const float eps2 = p.norm_eps * p.norm_eps;
+      const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), quad_sum(x_dk[0]), eps2),
+                                    L2NormBwdRow(quad_sum(sumsq[1]), quad_sum(x_dk[1]), eps2)};
+      asm volatile("" ::: "memory");  // read x again below rather than keep 64 floats live
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tdKrdK); i += 2) {
+        const int h = (i >> 1) & 1;
+        const float2 x = x_at(i);
+        tdKrdK(i) = rows[h].a * tdKrdK(i) - rows[h].b * x.x;
+        tdKrdK(i + 1) = rows[h].a * tdKrdK(i + 1) - rows[h].b * x.y;
+      }
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int h = (i >> 1) & 1, s = s0 + get<0>(tKVc(i));
-      if (s >= p.S) continue;
-      const float2 x = load_pair(xb + int64_t(s) * krow + get<1>(tKVc(i)));
-      sumsq[h] += x.x * x.x + x.y * x.y;
-      x_dk[h] += x.x * tdKrdK(i) + x.y * tdKrdK(i + 1);
+      const int s = s0 + get<0>(tKVc(i));
+      if (s < p.S)
+        *reinterpret_cast<uint32_t*>(dkb + int64_t(s) * krow + get<1>(tKVc(i))) =
+            MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
     }
-    const float eps2 = p.norm_eps * p.norm_eps;
-    const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), quad_sum(x_dk[0]), eps2),
-                                  L2NormBwdRow(quad_sum(sumsq[1]), quad_sum(x_dk[1]), eps2)};
+  } else {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int h = (i >> 1) & 1, s = s0 + get<0>(tKVc(i));
-      if (s >= p.S) continue;
-      const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
-      const float2 x = load_pair(xb + off);
-      tdKrdK(i) = rows[h].a * tdKrdK(i) - rows[h].b * x.x;
-      tdKrdK(i + 1) = rows[h].a * tdKrdK(i + 1) - rows[h].b * x.y;
-    }
-  }
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(tdKrdK); i += 2) {
-    const int s = s0 + get<0>(tKVc(i));
-    if (s < p.S) {
-      const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
-      *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
-      *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
+      const int s = s0 + get<0>(tKVc(i));
+      if (s < p.S) {
+        const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
+        *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
+        *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
+      }
     }
   }
 }

@@ -58,48 +58,56 @@ struct BwdDqTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    // the raw q rows for the fused l2norm backward (Params::q_raw), read by the epilogue only
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q_raw;
     alignas(8) uint64_t q_full;
-    uint64_t k_full[STAGES], v_full[STAGES], empty[STAGES];
+    uint64_t k_full[STAGES], v_full[STAGES], empty[STAGES], raw_full;
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
 };
 
 // Epilogue with the l2norm backward fused: this thread's dq_acc elements (two rows, columns
 // spread over the lanes of a quad) -> dq_norm = l2norm_bwd(q_raw row, scale * dq_acc row) in q's
-// dtype and rowdot = <q, dq_acc> per row (q = the normalised operand in smem).
+// dtype and rowdot = <q, dq_acc> per row. tq, tqr: the normalised and raw q elements in smem at
+// the accumulator's positions; `loaded` is false when the CTA had no key tile (nothing in smem,
+// dq_acc zero: zeros are written).
 template <class Tr, class Acc, class Coord, class SQ>
 __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& acc,
-                                                    const Coord& coord, const SQ& sQ, int t0,
-                                                    int n, int b) {
+                                                    const Coord& coord, const SQ& tq,
+                                                    const SQ& tqr, bool loaded, int t0, int n,
+                                                    int b) {
   using T = typename Tr::T;
   constexpr int D = Tr::D;
   const float sc = p.scale[n];
   const int64_t row_stride = int64_t(p.N) * D;
-  const T* x0 = static_cast<const T*>(p.q_raw) + (int64_t(b) * p.T * p.N + n) * D;
   T* dx0 = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T * p.N + n) * D;
+  auto x_at = [&](int i) {
+    return loaded ? make_float2(float(tqr(i)), float(tqr(i + 1))) : make_float2(0.f, 0.f);
+  };
   float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f}, q_acc[2] = {0.f, 0.f};
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
-    if (t0 + r >= p.T) continue;
-    const float2 x = load_pair(x0 + int64_t(t0 + r) * row_stride + c);
-    sumsq[h] += x.x * x.x + x.y * x.y;
-    x_acc[h] += x.x * acc(i) + x.y * acc(i + 1);
-    q_acc[h] += float(sQ(r, c)) * acc(i) + float(sQ(r, c + 1)) * acc(i + 1);
+  if (loaded) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int h = (i >> 1) & 1;
+      const float2 x = x_at(i);
+      sumsq[h] += x.x * x.x + x.y * x.y;
+      x_acc[h] += x.x * acc(i) + x.y * acc(i + 1);
+      q_acc[h] += float(tq(i)) * acc(i) + float(tq(i + 1)) * acc(i + 1);
+    }
   }
-  L2NormBwdRow rows[2] = {
-      L2NormBwdRow(quad_sum(sumsq[0]), sc * quad_sum(x_acc[0]), p.norm_eps * p.norm_eps),
-      L2NormBwdRow(quad_sum(sumsq[1]), sc * quad_sum(x_acc[1]), p.norm_eps * p.norm_eps)};
+  const float eps2 = p.norm_eps * p.norm_eps;
+  const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), sc * quad_sum(x_acc[0]), eps2),
+                                L2NormBwdRow(quad_sum(sumsq[1]), sc * quad_sum(x_acc[1]), eps2)};
   q_acc[0] = quad_sum(q_acc[0]);
   q_acc[1] = quad_sum(q_acc[1]);
+  asm volatile("" ::: "memory");  // read x again below rather than keep it live
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < size(acc); i += 2) {
     const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
     if (t0 + r >= p.T) continue;
-    const int64_t off = int64_t(t0 + r) * row_stride + c;
-    const float2 x = load_pair(x0 + off);  // (an L1 hit: read just above)
+    const float2 x = x_at(i);
     const L2NormBwdRow& f = rows[h];
-    *reinterpret_cast<uint32_t*>(dx0 + off) =
+    *reinterpret_cast<uint32_t*>(dx0 + int64_t(t0 + r) * row_stride + c) =
         MmaOp<T>::pack(f.a * sc * acc(i) - f.b * x.x, f.a * sc * acc(i + 1) - f.b * x.y);
     if (i < 4 && threadIdx.x % 4 == 0)  // the row's first column pair: one lane per row
       p.rowdot[(int64_t(b) * p.N + n) * p.T + t0 + r] = q_acc[h];
@@ -108,12 +116,14 @@ __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& 
 
 template <class Tr>
 struct BwdDqArgs {
-  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaQ tma_q, tma_do, tma_q_raw;  // tma_q_raw: Params::q_raw (else unused)
   typename Tr::TmaKV tma_k, tma_v;
   Params p;
 };
 
-template <class Tr>
+// kNorm: the l2norm backward fused into the epilogue (Params::q_raw set); a separate
+// instantiation, so the plain kernel carries none of it.
+template <class Tr, bool kNorm>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     bwd_dq_kernel_sm90(CUTE_GRID_CONSTANT const BwdDqArgs<Tr> args) {
   using T = typename Tr::T;
@@ -135,6 +145,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (threadIdx.x == 0) {
     FullBar::init(&ss.q_full, 1);
+    FullBar::init(&ss.raw_full, 1);
     CUTLASS_PRAGMA_UNROLL
     for (int s = 0; s < STAGES; ++s) {
       FullBar::init(&ss.k_full[s], 1);
@@ -173,6 +184,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       FullBar::arrive_and_expect_tx(&ss.q_full, 2 * Tr::kQBytes);
       copy(args.tma_q.with(ss.q_full, 0), tq.partition_S(gQ), tq.partition_D(sQ));
       copy(args.tma_do.with(ss.q_full, 0), tdo.partition_S(gdO), tdo.partition_D(sdO));
+      if constexpr (kNorm) {  // raw q rows for the epilogue: land while the main loop runs
+        Tensor sQr = make_tensor(make_smem_ptr(ss.q_raw.data()), typename Tr::SmemLayoutQ{});
+        Tensor mQr = args.tma_q_raw.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+        Tensor gQr = local_tile(mQr(_, _, n, b), Shape<Int<BR>, Int<D>>{}, make_coord(qtile, _0{}));
+        auto tqr = args.tma_q_raw.get_slice(_0{});
+        FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kQBytes);
+        copy(args.tma_q_raw.with(ss.raw_full, 0), tqr.partition_S(gQr), tqr.partition_D(sQr));
+      }
       for (int it = 0; it < ntiles; ++it) {
         const int st = it % STAGES;
         if (it >= STAGES) EmptyBar::wait(&ss.empty[st], ((it / STAGES) - 1) & 1);
@@ -313,8 +332,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     release(st);
   }
 
-  if (p.q_raw != nullptr) {  // the l2norm backward fused (Params::q_raw)
-    store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, sQ, t0, n, b);
+  if constexpr (kNorm) {  // the l2norm backward fused (Params::q_raw)
+    // No key tile: dq_acc is zero, so are dq and rowdot, and nothing was loaded.
+    if (ntiles > 0) FullBar::wait(&ss.raw_full, 0);
+    Tensor sQr = make_tensor(make_smem_ptr(ss.q_raw.data()), typename Tr::SmemLayoutQ{});
+    store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, thr_dq.partition_C(sQ), thr_dq.partition_C(sQr),
+                            ntiles > 0, t0, n, b);
     return;
   }
   // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).

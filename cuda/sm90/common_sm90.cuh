@@ -63,13 +63,6 @@ struct L2NormBwdRow {
   }
 };
 
-// Two consecutive elements of a 16-bit row as floats.
-template <typename T>
-__device__ __forceinline__ float2 load_pair(const T* ptr) {
-  const uint32_t w = *reinterpret_cast<const uint32_t*>(ptr);
-  return MmaOp<T>::unpack(w);
-}
-
 // Query tile of a CTA over grid x (causal: longest tiles first) and the number of BC-key tiles
 // its rows may attend.
 struct QueryTile {

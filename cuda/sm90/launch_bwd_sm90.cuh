@@ -20,12 +20,16 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
                     Shape<Int<Tr::BR>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.dout, p.T, p.N, p.B), q_tile,
                     Shape<Int<Tr::BR>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_rows_view<E, D>(p.q_raw ? p.q_raw : p.q, p.T, p.N, p.B), q_tile,
+                    Shape<Int<Tr::BR>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.k, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BC>, Int<D>>{}, _1{}),
       p};
-  return launch_big_smem(bwd_dq_kernel_sm90<Tr>, args,
+  auto kernel = p.q_raw ? bwd_dq_kernel_sm90<Tr, true> : bwd_dq_kernel_sm90<Tr, false>;
+  return launch_big_smem(kernel, args,
                          dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads, Tr::kSmem,
                          stream);
 }
@@ -45,11 +49,18 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows_view<E, D>(p.v, p.S, p.KH, p.B), kv_tile,
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_rows_view<E, D>(p.k_raw ? p.k_raw : p.k, p.S, p.KH, p.B), kv_tile,
+                    Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_REDUCE_ADD{},
                     gmem_rows_view<float, D>(p.dq_acc, p.T, p.N, p.B),
                     typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}),
       p};
-  return launch_big_smem(bwd_dkdv_kernel_sm90<Tr>, args,
+  auto kernel = bwd_dkdv_kernel_sm90<Tr, false>;
+  if constexpr (!Tr::kFuseDq) {
+    if (p.k_raw) kernel = bwd_dkdv_kernel_sm90<Tr, true>;
+  }
+  return launch_big_smem(kernel, args,
                          dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
                          stream);
 }
