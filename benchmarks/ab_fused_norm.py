@@ -17,13 +17,17 @@ import numpy as np  # noqa: E402
 import jax_cosine_attention as jca  # noqa: E402
 
 
-def step_fn(fused, causal):
-    os.environ["JCA_FUSED_NORM_BWD"] = "1" if fused else "0"  # read when traced
+def step_fn(fused, causal, q, k, v):
+    """The compiled fwd+bwd step, traced here while JCA_FUSED_NORM_BWD is set (it is read at
+    trace time, so the jit must be lowered now, not at its first call)."""
+    os.environ["JCA_FUSED_NORM_BWD"] = "1" if fused else "0"
 
     def loss(q, k, v):
         out = jca.cosine_sim_attention(q, k, v, is_causal=causal, implementation="cuda")
         return jnp.sum(out.astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    assert ("jca_l2norm_bwd" in compiled.as_text()) != fused  # the setting took effect
+    return compiled
 
 
 def main():
@@ -39,7 +43,7 @@ def main():
             for N in a.seqs:
                 q, k, v = (jnp.asarray(rng.standard_normal((B, N, H, D)), jnp.bfloat16)
                            for _ in range(3))
-                fns = {f: step_fn(f, causal) for f in (True, False)}
+                fns = {f: step_fn(f, causal, q, k, v) for f in (True, False)}
                 for f in fns.values():  # compile (each traced with its setting), warm up
                     jax.block_until_ready(f(q, k, v))
                     jax.block_until_ready(f(q, k, v))
