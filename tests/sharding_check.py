@@ -81,31 +81,36 @@ def run_shard_map():
 
 def run_norm_op():
     """The op with the l2norm of q, k inside (Config.norm_eps: on sm_90 GPUs its kernels fuse the
-    l2norm backward; here its XLA route), batch x head sharded under an Auto mesh, against the
-    same op unsharded."""
+    l2norm backward; here its XLA route), sharded under an Auto mesh, against the same op
+    unsharded: heads sharded (causal T != S), then the sequence (ring attention, causal T == S,
+    then the l2norm backward on the local rows)."""
     from jax_cosine_attention import _ops
     rng = np.random.default_rng(2)
-    B, T, S, N, K, H = 4, 40, 24, 4, 2, 16
-    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32) for _ in range(2))
-    scale = jnp.asarray(rng.uniform(5, 15, size=N), jnp.float32)
-    kv_len = jnp.asarray([24, 17, 5, 20], jnp.int32)
+    B, N, K, H = 4, 4, 2, 16
     cfg = _ops.Config(is_causal=True, groups=1, bounded=True, implementation="xla",
                       deterministic=False, present=("kv_len",), bias_full=None, mask_full=None,
                       need_dbias=False, norm_eps=1e-6)
     loss = lambda q, k, v, s, kl: jnp.sum(jnp.sin(
         _ops.attention_core(q, k, v, s, None, None, None, kl, cfg)))
     grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-    want = grad(q, k, v, scale, kv_len)
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    with jax.set_mesh(mesh):
-        put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-        spec = P("data", None, "model", None)
-        args = (put(q, spec), put(k, spec), put(v, spec), scale, put(kv_len, P("data")))
-        compiled = jax.jit(grad).lower(*args).compile()
-        got = compiled(*args)
-    return dict(collectives=sorted(set(COLLECTIVES.findall(compiled.as_text()))),
-                max_err=max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want)))
+    report = {}
+    for name, spec, T, S in (("heads", P("data", None, "model", None), 40, 24),
+                             ("ring", P("data", "model", None, None), 40, 40)):
+        q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+        k, v = (jnp.asarray(rng.normal(size=(B, S, K, H)), jnp.float32) for _ in range(2))
+        scale = jnp.asarray(rng.uniform(5, 15, size=N), jnp.float32)
+        kv_len = jnp.asarray([S, S - 7, 5, S - 4], jnp.int32)
+        want = grad(q, k, v, scale, kv_len)
+        with jax.set_mesh(mesh):
+            put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+            args = (put(q, spec), put(k, spec), put(v, spec), scale, put(kv_len, P("data")))
+            compiled = jax.jit(grad).lower(*args).compile()
+            got = compiled(*args)
+        report[name] = dict(
+            collectives=sorted(set(COLLECTIVES.findall(compiled.as_text()))),
+            max_err=max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want)))
+    return report
 
 
 if __name__ == "__main__":
