@@ -13,6 +13,8 @@
 //                  zeroed dq_acc (opt-in: Params::sm90_fused_dq). Without it (the default,
 //                  and always in deterministic mode) dQ is the separate, forward-shaped kernel
 //                  of bwd_dq_kernel_sm90.cuh and nothing uses atomics.
+// With Params::k_raw (kNorm, never with FuseDq) the raw k tile arrives by TMA with K and V and
+// the epilogue writes d/d k_raw (the l2norm backward of each key row) instead of dK.
 // Scope (the dispatcher sends the rest to the sm_80 kernels): head dims 64 and 128, no bias, no
 // dense mask. Lengths, causal with T != S, GQA and rows without keys (lse = -inf -> lse2 = +inf
 // -> P = 0) are handled.

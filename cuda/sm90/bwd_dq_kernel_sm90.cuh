@@ -7,6 +7,9 @@
 //                  dS = 2^(S c - lse2) (dP - delta), dQ += dS K (RS wgmma, dS from registers).
 // As in the forward, the products of tile j+1 are issued before dQ(j), whose wait is deferred
 // until the elementwise work of tile j+1 is done, and the two warpgroups take turns issuing.
+// With Params::q_raw (kNorm) the epilogue applies the l2norm backward instead of storing dq_acc:
+// the raw q tile arrives by TMA during the main loop, each row's sums are reduced over the quad
+// that holds it, and dq (q's dtype) and rowdot are written.
 #pragma once
 #include "common_sm90.cuh"
 
