@@ -192,15 +192,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
       copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
       copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
-      if constexpr (kNorm) {
-        {  // raw k rows for the epilogue: land while the main loop runs
-          Tensor mKr = args.tma_k_raw.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
-          Tensor gKr = local_tile(mKr(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
-          Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
-          auto tkr = args.tma_k_raw.get_slice(_0{});
-          FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kKVBytes);
-          copy(args.tma_k_raw.with(ss.raw_full, 0), tkr.partition_S(gKr), tkr.partition_D(sKr));
-        }
+      if constexpr (kNorm) {  // raw k rows for the epilogue: land while the main loop runs
+        Tensor mKr = args.tma_k_raw.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+        Tensor gKr = local_tile(mKr(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+        Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
+        auto tkr = args.tma_k_raw.get_slice(_0{});
+        FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kKVBytes);
+        copy(args.tma_k_raw.with(ss.raw_full, 0), tkr.partition_S(gKr), tkr.partition_D(sKr));
       }
     }
     Tensor tQs = tq.partition_D(sQ);    // (TMA, TMA_M, TMA_K, STAGES)
