@@ -15,6 +15,7 @@
 #include <cstdlib>
 
 #include "l2norm.h"
+#include "l2norm_math.cuh"
 
 namespace jca {
 namespace {
@@ -102,11 +103,6 @@ __device__ __forceinline__ float group_sum(float p, int tpg, int tg, int lane) {
   return __shfl_sync(kFull, p, lane - tg);
 }
 
-// max(sumsq, eps^2) with jnp.maximum's NaN propagation.
-__device__ __forceinline__ float clamp_sq(float sumsq, float eps2) {
-  return sumsq < eps2 ? eps2 : sumsq;
-}
-
 // This thread's place in the layout (see the top of the file): lane t of its team, the team's
 // first row, and, for groups spanning lanes, the group size tpg in lanes and this lane's index tg.
 struct Team {
@@ -172,15 +168,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (tm.col_ok && row < rows) store_row_chunk<T, VPT>(y + row * h + int64_t(tm.t) * E, v[i]);
   }
-}
-
-// dx = dy / n - c x <x,dy> / n^3 with c the share of max(sumsq, eps^2)'s gradient that reaches
-// sumsq (jnp.maximum: 1/2 at a tie): per group a = 1/n, b = c <x,dy> / n^3, dx = a dy - b x.
-__device__ __forceinline__ void bwd_coeffs(float sumsq, float dot, float eps2, float& a,
-                                           float& b) {
-  a = 1.f / sqrtf(clamp_sq(sumsq, eps2));
-  const float c = sumsq > eps2 ? 1.f : (sumsq == eps2 ? 0.5f : 0.f);
-  b = c * dot * (a * a * a);
 }
 
 template <typename T, int VPT, int ROWS, bool SMALL>

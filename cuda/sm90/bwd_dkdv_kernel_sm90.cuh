@@ -400,16 +400,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         sumsq[h] += x.x * x.x + x.y * x.y;
         x_dk[h] += x.x * tdKrdK(i) + x.y * tdKrdK(i + 1);
       }
-      const float eps2 = p.norm_eps * p.norm_eps;
-      const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), quad_sum(x_dk[0]), eps2),
-                                    L2NormBwdRow(quad_sum(sumsq[1]), quad_sum(x_dk[1]), eps2)};
+      float a[2], bx[2];  // dk = a dK - bx k per key row (bwd_coeffs)
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        bwd_coeffs(quad_sum(sumsq[h]), quad_sum(x_dk[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
       asm volatile("" ::: "memory");  // read x again below rather than keep 64 floats live
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tdKrdK); i += 2) {
         const int h = (i >> 1) & 1;
         const float2 x = x_at(i);
-        tdKrdK(i) = rows[h].a * tdKrdK(i) - rows[h].b * x.x;
-        tdKrdK(i + 1) = rows[h].a * tdKrdK(i + 1) - rows[h].b * x.y;
+        tdKrdK(i) = a[h] * tdKrdK(i) - bx[h] * x.x;
+        tdKrdK(i + 1) = a[h] * tdKrdK(i + 1) - bx[h] * x.y;
       }
     }
     CUTLASS_PRAGMA_UNROLL

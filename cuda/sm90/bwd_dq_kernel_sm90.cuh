@@ -98,9 +98,10 @@ __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& 
       q_acc[h] += float(tq(i)) * acc(i) + float(tq(i + 1)) * acc(i + 1);
     }
   }
-  const float eps2 = p.norm_eps * p.norm_eps;
-  const L2NormBwdRow rows[2] = {L2NormBwdRow(quad_sum(sumsq[0]), sc * quad_sum(x_acc[0]), eps2),
-                                L2NormBwdRow(quad_sum(sumsq[1]), sc * quad_sum(x_acc[1]), eps2)};
+  float a[2], bx[2];  // dq = a dy - bx x per row (bwd_coeffs), dy = sc dq_acc
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h)
+    bwd_coeffs(quad_sum(sumsq[h]), sc * quad_sum(x_acc[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
   q_acc[0] = quad_sum(q_acc[0]);
   q_acc[1] = quad_sum(q_acc[1]);
   asm volatile("" ::: "memory");  // read x again below rather than keep it live
@@ -109,9 +110,8 @@ __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& 
     const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
     if (t0 + r >= p.T) continue;
     const float2 x = x_at(i);
-    const L2NormBwdRow& f = rows[h];
     *reinterpret_cast<uint32_t*>(dx0 + int64_t(t0 + r) * row_stride + c) =
-        MmaOp<T>::pack(f.a * sc * acc(i) - f.b * x.x, f.a * sc * acc(i + 1) - f.b * x.y);
+        MmaOp<T>::pack(a[h] * sc * acc(i) - bx[h] * x.x, a[h] * sc * acc(i + 1) - bx[h] * x.y);
     if (i < 4 && threadIdx.x % 4 == 0)  // the row's first column pair: one lane per row
       p.rowdot[(int64_t(b) * p.N + n) * p.T + t0 + r] = q_acc[h];
   }

@@ -7,6 +7,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "../kernel_common.cuh"
+#include "../l2norm_math.cuh"
 
 namespace jca::sm90 {
 using namespace cute;
@@ -51,17 +52,6 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
   warpgroup_fence_operand(c);
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
 }
-
-// l2norm backward of one row from its three sums (see Params::q_raw): dx = a dy - b x with
-// a = 1 / n, b = c <x,dy> / n^3, n = sqrt(max(|x|^2, eps^2)) (clamp and tie as jca_l2norm_bwd).
-struct L2NormBwdRow {
-  float a, b;
-  __device__ __forceinline__ L2NormBwdRow(float sumsq, float x_dot_dy, float eps2) {
-    a = 1.f / sqrtf(sumsq < eps2 ? eps2 : sumsq);
-    const float c = sumsq > eps2 ? 1.f : (sumsq == eps2 ? 0.5f : 0.f);
-    b = c * x_dot_dy * a * a * a;
-  }
-};
 
 // Query tile of a CTA over grid x (causal: longest tiles first) and the number of BC-key tiles
 // its rows may attend.
