@@ -1,11 +1,12 @@
 """A/B of sm_90a kernel variants selected by an environment variable the launcher reads once
-per process (`--env`, e.g. JCA_SM90_EXP_EMU for the forward's emulated exponentials).
+per process (`--env`): a temporary knob added to the launcher for the experiment (session 3 of
+benchmarks/NOTES.md used JCA_SM90_BWD_VARIANT and JCA_SM90_EXP_EMU; none is in the tree now).
 
 For each head dim: the variant's outputs (`--pass fwd`: o and lse; `bwd`: dq, dk, dv) against
 the sm_80 kernel's on the same inputs (max abs difference relative to the largest magnitude),
 then the median time of the raw FFI call (B=4, H=16, N given, bf16, 3 rotating input sets).
 Prints one JSON line per config.
-Usage: JCA_SM90_EXP_EMU=2 python -P benchmarks/kernel_variants.py --pass fwd --env JCA_SM90_EXP_EMU
+Usage: KNOB=2 python -P benchmarks/kernel_variants.py --pass fwd --env KNOB
 """
 import argparse
 import json
@@ -45,7 +46,7 @@ def make_fwd(causal, sm90):
     return run
 
 
-fwd = jax.jit(make_fwd(False, True))
+fwd = make_fwd(False, True)
 
 
 def main():

@@ -116,22 +116,6 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// 2^x on the FMA / integer pipes instead of MUFU (for x in [-125, 125]): x = n + f with n the
-// nearest integer (the 1.5 * 2^23 rounding trick) and f in [-0.5, 0.5], 2^f by a degree-4
-// polynomial (relative error 8.5e-6, fitted for relative error in f32), n added to the exponent
-// bits. Used for a share of the forward's exponentials where MUFU throughput is the bound.
-__device__ __forceinline__ float ex2_poly(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound keeps round(x) in the low bits
-  const float j = x + kRound;
-  const float f = x - (j - kRound);
-  float p = fmaf(0.009254948f, f, 0.055856068f);
-  p = fmaf(p, f, 0.24031253f);
-  p = fmaf(p, f, 0.69313061f);
-  p = fmaf(p, f, 0.99999779f);
-  // The low 22 bits of kRound's pattern are zero, so shifting j's bits by 23 leaves n << 23.
-  return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
-}
-
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);

@@ -82,8 +82,7 @@ struct KernelArgs {
   Params p;
 };
 
-// kEmu8: of every 8 exponentials of the fixed-shift softmax, kEmu8 run as ex2_poly (FMA pipe).
-template <class Tr, bool kBiasMask, int kEmu8 = 0>
+template <class Tr, bool kBiasMask>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
   using T = typename Tr::T;
@@ -294,8 +293,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       auto body = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrP); ++i) {
-          const float x = fmaf(tSrS(i), c2, shift2);
-          float pv = (i % 8) < kEmu8 ? ex2_poly(x) : ex2(x);
+          float pv = ex2(fmaf(tSrS(i), c2, shift2));
           if constexpr (decltype(chk)::value) pv = key_ok(i) ? pv : 0.f;
           tSrS(i) = pv;
           lsum[(i >> 1) & 1][(i >> 2) & 1] += pv;  // two independent chains per row

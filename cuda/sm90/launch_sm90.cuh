@@ -5,11 +5,6 @@
 
 namespace jca::sm90 {
 
-// Eighths of the fixed-shift softmax's exponentials computed by ex2_poly on the FMA pipe instead
-// of MUFU. Tuned by measurement on an H100 (benchmarks/NOTES.md, kernel_variants.py): every
-// share tried (1/8 to 4/8) slowed the D = 64 forward by 4-20 %, so none.
-constexpr int kFwdExpEmu8 = 0;
-
 // Tile configuration per head dim: 128 query rows (two consumer warpgroups) x 128 keys;
 // the K/V ring is 2 stages deep at D=128 (160 KiB of smem with Q) and 3 at D=64.
 template <int D, typename T>
@@ -30,7 +25,7 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   // Bias / dense mask: a separate instantiation (with the staged mask's smem), so that the plain
   // kernel carries none of it.
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
-  auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false, kFwdExpEmu8>;
+  auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
   const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
   return launch_big_smem(kernel, args, dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads,
                          smem, stream);
