@@ -167,10 +167,6 @@ def _batched(kind, groups, eps):
 
 # ---------------------------------------------------------------- differentiation
 
-def l2norm_vjp(x, dy, groups: int = 1, eps: float = DEFAULT_EPS):
-    """dx of `l2norm` at x for cotangent dy, through the fused backward kernel on CUDA."""
-    return _batched("bwd", int(groups), float(eps))(x, dy.astype(x.dtype))
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _l2norm(x, groups, eps):

@@ -103,16 +103,16 @@ def _finish_norm(eps, res, q, scale, q_raw, k_raw):
 
 
 def _local_bwd_norm(cfg, do, q, k, v, out, lse, scale, *opt):
-    """`_local_bwd` with the l2norm backward (cfg.norm_eps): opt ends with q_raw, k_raw."""
+    """`_local_bwd` with the l2norm backward (cfg.norm_eps; never a bias or mask): opt ends with
+    q_raw, k_raw."""
     *opt, q_raw, k_raw = opt
     bias, mask, q_len, kv_len = _unpack(cfg, opt)
     args = (do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw)
-    plain = cfg._replace(norm_eps=None)
 
     def xla(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len, q_raw, k_raw):
-        res = _local_bwd(plain, do, q, k, v, out, lse, scale,
-                         *(x for x in (bias, mask, q_len, kv_len) if x is not None))
-        return _finish_norm(cfg.norm_eps, res, q, scale, q_raw, k_raw)
+        res = _xla.backward(do, q, k, v, out, lse, scale, bias, mask, q_len, kv_len,
+                            is_causal=cfg.is_causal, need_dbias=False)
+        return _finish_norm(cfg.norm_eps, res[:3], q, scale, q_raw, k_raw)
 
     if not _use_kernel(cfg, q, k, v, bias, mask):
         return xla(*args)

@@ -107,11 +107,9 @@ def _attention(query, key, value, bias, mask, *, scale, groups, l2norm_qk, is_ca
 def _fuses_norm(c, impl, groups, l2norm_qk):
     """Whether the l2norm of q and k goes inside the op with its backward fused into the kernels'
     epilogues (`_cuda.fuses_norm_bwd`): the CUDA path, groups 1, no bias or mask, the fused
-    l2norm kernels on (JCA_FUSED_L2NORM), same head dim for q and v."""
+    l2norm kernels on (JCA_FUSED_L2NORM)."""
     return (impl == "cuda" and l2norm_qk and groups == 1 and c.bias is None and c.mask is None
-            and _l2norm_op.enabled() and c.q.shape[-1] == c.v.shape[-1]
-            and _l2norm_op.kernel_supports(c.q.shape[-1], 1, c.q.dtype)
-            and _cuda.fuses_norm_bwd(c.q.shape[-1], c.q.dtype))
+            and _l2norm_op.enabled() and _cuda.fuses_norm_bwd(c.q.shape[-1], c.q.dtype))
 
 
 def _normalize_qk(c, impl, groups, eps, l2norm_qk, shard_plan):
