@@ -226,9 +226,9 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
   if (lse.element_type() != ffi::F32 ||
       lse.element_count() != size_t(p.B) * size_t(p.N) * size_t(p.T))
     return Invalid("lse must be f32 [B,N,T]");
+  p.deterministic = deterministic;
   const bool fuse_norm = norm_eps >= 0.f;  // l2norm backward fused (jca.h: Params::q_raw)
   if (fuse_norm) {
-    p.deterministic = deterministic;
     if (!jca::Sm90BwdFusesNorm(p))
       return Invalid("the fused l2norm backward needs the sm_90a two-kernel backward (an sm_90 "
                      "device, head dim 64 or 128, groups 1, no bias or mask, not "
@@ -252,7 +252,6 @@ ffi::Error BwdImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer dout, ff
   if (!SameDims(*dk, k) || dk->element_type() != k.element_type() || !SameDims(*dv, v) ||
       dv->element_type() != v.element_type())
     return Invalid("dk / dv must match k / v");
-  p.deterministic = deterministic;
   if (need_dbias) {
     if (p.bias == nullptr) return Invalid("need_dbias without a bias");
     if (!SameDims(*dbias, bias) || dbias->element_type() != ffi::F32)
