@@ -56,7 +56,9 @@ struct DqTraits {
   static constexpr size_t kSmem = (size_t(2) * 2 * kStageElems + size_t(2) * kQElems) * sizeof(T);
 };
 
-template <class Tr>
+// kGeneral = false (dq_body, dq_kernel, dkdv_kernel): the instantiation for calls without a bias
+// or a mask, which then carries neither their code nor their registers.
+template <class Tr, bool kGeneral>
 __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b,
                                         typename Tr::T* sK, typename Tr::T* sV,
                                         typename Tr::T* sQ, typename Tr::T* sdO) {
@@ -139,7 +141,7 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
     mgemm_sA_nt<MT, KT, NTS>(sacc, q_s, k_s, ST, lane);   // S = Q K^T
     mgemm_sA_nt<MT, KT, NTS>(dpacc, o_s, v_s, ST, lane);  // dP = dO V^T
 
-    const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+    const bool need_check = (s0 + BC > warp_min_lim) || (kGeneral && p.mask != nullptr);
     auto body = [&](auto check, auto bias) {
       constexpr bool CHECK = decltype(check)::value, BIAS = decltype(bias)::value;
 #pragma unroll
@@ -153,7 +155,7 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
             bool ok = true;
             if constexpr (CHECK) {
               ok = s < lims[r];
-              if (ok && p.mask)
+              if (kGeneral && ok && p.mask)
                 ok = p.mask[mask_bn + int64_t(rows[r]) * p.mask_st + s * p.mask_ss] != 0;
             }
             float x = sacc[m][j][e] * c2;
@@ -175,7 +177,7 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
             sacc[m][j][e] = ds;
           }
     };
-    dispatch2(need_check, p.bias != nullptr, body);
+    dispatch2(need_check, kGeneral && p.bias != nullptr, body);
 
     uint32_t dsf[MT][NTS / 2][4];
 #pragma unroll
@@ -201,7 +203,7 @@ __device__ __forceinline__ void dq_body(const Params& p, int qtile, int n, int b
 
 // grid (qtiles, N or 1, B or 1). In DBiasMode::kOrdered, a CTA loops over the heads (if the bias
 // is broadcast over N) and batches (if broadcast over B) in a fixed order.
-template <class Tr>
+template <class Tr, bool kGeneral>
 __global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
   using T = typename Tr::T;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -209,13 +211,13 @@ __global__ void __launch_bounds__(Tr::kThreads) dq_kernel(const Params p) {
   T* sV = sK + 2 * Tr::kStageElems;
   T* sQ = sV + 2 * Tr::kStageElems;
   T* sdO = sQ + Tr::kQElems;
-  const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
+  const bool ordered = kGeneral && p.dbias_mode == DBiasMode::kOrdered;
   const bool loop_n = ordered && p.bias_dims[1] == 1;
   const bool loop_b = ordered && p.bias_dims[0] == 1;
   const int nb = loop_b ? 0 : blockIdx.z, ne = loop_b ? p.B : blockIdx.z + 1;
   const int n_b = loop_n ? 0 : blockIdx.y, n_e = loop_n ? p.N : blockIdx.y + 1;
   for (int b = nb; b < ne; ++b)
-    for (int n = n_b; n < n_e; ++n) dq_body<Tr>(p, blockIdx.x, n, b, sK, sV, sQ, sdO);
+    for (int n = n_b; n < n_e; ++n) dq_body<Tr, kGeneral>(p, blockIdx.x, n, b, sK, sV, sQ, sdO);
 }
 
 template <int D_, int NW_, int MT_, int BRQ_, int MINB_, typename T_>
@@ -238,7 +240,7 @@ struct DkvTraits {
   static constexpr int kMinBlocks = MINB_;  // __launch_bounds__ min blocks per SM
 };
 
-template <class Tr>
+template <class Tr, bool kGeneral>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(const Params p) {
   using T = typename Tr::T;
   using Op = MmaOp<T>;
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
     mgemm_sA_nt<MT, KT, NTQ>(sacc, sK + wk0 * ST, q_s, ST, lane);   // S^T = K Q^T
     mgemm_sA_nt<MT, KT, NTQ>(dpacc, sV + wk0 * ST, o_s, ST, lane);  // dP^T = V dO^T
 
-    const bool need_check = p.mask != nullptr || tq0 + BRQ > L.qlen || s0 + BCK > L.kvlen ||
+    const bool need_check = (kGeneral && p.mask != nullptr) || tq0 + BRQ > L.qlen || s0 + BCK > L.kvlen ||
                             (p.causal && s0 + BCK - 1 > tq0 + p.S - p.T);
     const int64_t bo = b * p.bias_sb + n * p.bias_sn;
     const int64_t mo = b * p.mask_sb + n * p.mask_sn;
@@ -356,7 +358,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
             bool ok = true;
             if constexpr (CHECK) {
               ok = t < L.qlen && s < L.kvlen && (!p.causal || s <= t + p.S - p.T);
-              if (ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
+              if (kGeneral && ok && p.mask) ok = p.mask[mo + t * p.mask_st + s * p.mask_ss] != 0;
             }
             float x = sacc[m][j][e] * c2;
             if constexpr (BIAS) {
@@ -369,7 +371,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
             dpacc[m][j][e] = ds;
           }
     };
-    dispatch2(need_check, p.bias != nullptr, body);
+    dispatch2(need_check, kGeneral && p.bias != nullptr, body);
     if (p.fuse_dq) {  // stage unscaled dS^T (keys x queries) for dQ += dS K
 #pragma unroll
       for (int m = 0; m < MT; ++m)

@@ -30,7 +30,9 @@ struct FwdTraits {
   static constexpr size_t kSmem = (size_t(2) * 2 * kStageElems + kQElems) * sizeof(T);
 };
 
-template <class Tr>
+// kGeneral = false: the instantiation for calls without a bias or a mask (the common case), which
+// then carries neither their pointers nor their code.
+template <class Tr, bool kGeneral>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const Params p) {
   using T = typename Tr::T;
   using Op = MmaOp<T>;
@@ -82,7 +84,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
 
   const float sc = p.scale[n];
   const float c2 = sc * kLog2e;
-  const bool has_bias = p.bias != nullptr;
+  const bool has_bias = kGeneral && p.bias != nullptr;
+  const bool has_mask = kGeneral && p.mask != nullptr;
   const bool fixed = !has_bias && p.bounded &&
                      fabsf(sc) * p.norm_groups <= ShiftCfg<T>::kMaxBound;
   const float shift2 = fixed ? (ShiftCfg<T>::kDelta - fabsf(sc) * p.norm_groups) * kLog2e : 0.f;
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
     mrow[r] = -INFINITY;
     const int t = min(rows[r], p.T - 1);
     bias_r[r] = has_bias ? p.bias + b * p.bias_sb + n * p.bias_sn + t * p.bias_st : nullptr;
-    mask_r[r] = p.mask ? p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st : nullptr;
+    mask_r[r] = has_mask ? p.mask + b * p.mask_sb + n * p.mask_sn + t * p.mask_st : nullptr;
   }
 
   for (int it = 0; it < ntiles; ++it) {
@@ -126,11 +129,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
     else
       mgemm_rB_nt<MT, KT, NTS>(sacc, qf, sK + stage * Tr::kStageElems, ST, lane);
 
-    const bool need_check = (s0 + BC > warp_min_lim) || (p.mask != nullptr);
+    const bool need_check = (s0 + BC > warp_min_lim) || has_mask;
     // validity of element (r, s) (only evaluated in the CHECK variants)
     auto valid = [&](int r, int s) {
       bool ok = s < lims[r];
-      if (ok && p.mask) ok = mask_r[r][s * p.mask_ss] != 0;
+      if (ok && has_mask) ok = mask_r[r][s * p.mask_ss] != 0;
       return ok;
     };
 

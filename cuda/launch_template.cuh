@@ -1,6 +1,7 @@
 // Launch templates: tile configuration per head dim, grid set-up, error checks. Instantiated per
 // (head dim, dtype) in cuda/inst/*.cu so that builds parallelise.
 #pragma once
+#include <cstdlib>
 #include "bwd_kernel.cuh"
 #include "fwd_kernel.cuh"
 
@@ -52,14 +53,37 @@ inline cudaError_t prepare(Kernel kernel, size_t smem) {
   return cudaSuccess;
 }
 
-template <int D, typename T>
-cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, T>;
-  auto kernel = fwd_kernel<Tr>;
+// TEMPORARY A/B knob (JCA_SM80_VARIANT): 0 general kernels always, 1 plain kernels without bias /
+// mask, 2 as 1 with a 64-key forward tile at D = 128.
+inline int sm80_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("JCA_SM80_VARIANT");
+    return e ? std::atoi(e) : 1;
+  }();
+  return v;
+}
+
+template <class Tr>
+cudaError_t launch_fwd_tr(const Params& p, bool general, cudaStream_t stream) {
+  auto kernel = general ? fwd_kernel<Tr, true> : fwd_kernel<Tr, false>;
   if (cudaError_t e = prepare(kernel, Tr::kSmem); e != cudaSuccess) return e;
   const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
+  using Tr = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, Cfg<D>::kFwdBC, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, T>;
+  const int variant = sm80_variant();
+  const bool general = p.bias || p.mask || variant == 0;
+  if constexpr (D == 128) {
+    if (variant == 2 && !general) {
+      using Tr64 = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, 64, Cfg<D>::kFwdQSmem, Cfg<D>::kFwdMinBlocks, T>;
+      return launch_fwd_tr<Tr64>(p, false, stream);
+    }
+  }
+  return launch_fwd_tr<Tr>(p, general, stream);
 }
 
 template <int D, typename T>
@@ -70,8 +94,9 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
   p.fuse_dq = Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
   using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
   using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
-  auto kq = dq_kernel<TrQ>;
-  auto kkv = dkdv_kernel<TrKV>;
+  const bool general = p.bias || p.mask || sm80_variant() == 0;
+  auto kq = general ? dq_kernel<TrQ, true> : dq_kernel<TrQ, false>;
+  auto kkv = general ? dkdv_kernel<TrKV, true> : dkdv_kernel<TrKV, false>;
   if (cudaError_t e = prepare(kq, TrQ::kSmem); e != cudaSuccess) return e;
   if (cudaError_t e = prepare(kkv, TrKV::kSmem); e != cudaSuccess) return e;
 
