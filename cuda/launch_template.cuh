@@ -1,7 +1,6 @@
 // Launch templates: tile configuration per head dim, grid set-up, error checks. Instantiated per
 // (head dim, dtype) in cuda/inst/*.cu so that builds parallelise.
 #pragma once
-#include <cstdlib>
 #include "bwd_kernel.cuh"
 #include "fwd_kernel.cuh"
 
@@ -77,13 +76,6 @@ using FwdCfgTraits = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, BC, Cfg<D>:
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   if (p.bias || p.mask) return launch_fwd<FwdCfgTraits<D, T, Cfg<D>::kFwdBC>, true>(p, stream);
-  if constexpr (D == 64) {  // TEMPORARY A/B knob: 1 = 128-key tile, Q re-read from smem
-    static const bool wide = [] {
-      const char* e = std::getenv("JCA_SM80_FWD64");
-      return e && e[0] == '1';
-    }();
-    if (wide) return launch_fwd<FwdTraits<D, 4, 2, 128, true, 2, T>, false>(p, stream);
-  }
   return launch_fwd<FwdCfgTraits<D, T, Cfg<D>::kFwdBCPlain>, false>(p, stream);
 }
 
