@@ -10,13 +10,13 @@ size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T) {
   return size_t(2) * size_t(B) * size_t(N) * size_t(T) * sizeof(float);
 }
 
-size_t MaxSmemBytes(int d) {
+size_t MinSmemBytes(int d) {
   switch (d) {
-    case 16: return max_smem<16>();
-    case 32: return max_smem<32>();
-    case 64: return max_smem<64>();
-    case 96: return max_smem<96>();
-    case 128: return max_smem<128>();
+    case 16: return min_smem<16>();
+    case 32: return min_smem<32>();
+    case 64: return min_smem<64>();
+    case 96: return min_smem<96>();
+    case 128: return min_smem<128>();
     default: return 0;
   }
 }

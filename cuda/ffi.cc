@@ -16,6 +16,7 @@
 //       attrs: groups: i64, eps: f32   (see l2norm.h; jax_cosine_attention/_l2norm_op.py)
 // Absent optional operands (bias, mask, q_len, kv_len) and an unrequested dbias are zero-size
 // arrays of shape (0,).
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -55,6 +56,10 @@ ffi::ErrorOr<DeviceInfo> GetDeviceInfo(int32_t ordinal) {
     if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess)
       return ffi::Unexpected(ffi::Error::Internal(std::string("jca: cudaDeviceGetAttribute: ") +
                                                   cudaGetErrorString(e1 != cudaSuccess ? e1 : e2 != cudaSuccess ? e2 : e3)));
+    // Test aid: JCA_DEBUG_SMEM_LIMIT=<bytes> caps what the launchers may use, so that a large
+    // device runs the tiles of a small one (99 KB a block on sm_86/89/120).
+    if (const char* cap = std::getenv("JCA_DEBUG_SMEM_LIMIT"); cap != nullptr && std::atoi(cap) > 0)
+      d.smem_optin = std::min(d.smem_optin, std::atoi(cap));
     d.ok = true;
   }
   return d;
@@ -156,8 +161,9 @@ ffi::Error FillCommon(jca::Params& p, const ffi::AnyBuffer& q, const ffi::AnyBuf
   if (info.has_error()) return info.error();
   if (info->cc_major < 8) return Invalid("needs compute capability >= 8.0 (mma.sync bf16/f16)");
   p.cc = info->cc_major * 10 + info->cc_minor;
-  if (jca::MaxSmemBytes(p.D) > size_t(info->smem_optin))
-    return Invalid("kernel needs " + std::to_string(jca::MaxSmemBytes(p.D)) +
+  p.smem_optin = info->smem_optin;
+  if (jca::MinSmemBytes(p.D) > size_t(info->smem_optin))
+    return Invalid("kernel needs " + std::to_string(jca::MinSmemBytes(p.D)) +
                    " bytes of shared memory per block; device allows " +
                    std::to_string(info->smem_optin));
   return ffi::Error::Success();

@@ -45,6 +45,7 @@ struct Params {
   float norm_groups = 1.f;  // the l2norm `groups`
   bool deterministic = false;
   int cc = 0;               // device compute capability, major * 10 + minor
+  int smem_optin = 0;       // shared memory a block may opt into (bytes); tiles are chosen to fit
   bool allow_sm90 = true;   // let the kernels take the sm_90a path where it applies
   bool sm90_fused_dq = false;  // sm_90a backward: dQ inside the dK/dV kernel (not deterministic)
 
@@ -94,11 +95,11 @@ bool UsesSm90Bwd(const Params& p);
 bool Sm90BwdFusesNorm(const Params& p);
 // Bytes of XLA-owned scratch the backward needs (delta and log2-lse, f32 [B,N,T] each).
 size_t BwdWorkspaceBytes(int64_t B, int64_t N, int64_t T);
-// Largest dynamic shared memory (bytes) any kernel for head dim d needs.
-size_t MaxSmemBytes(int d);
+// Shared memory (bytes) a device must allow a block for head dim d: the launchers step down to
+// smaller tiles where the default ones do not fit Params::smem_optin (99 KB on sm_86/89/120).
+size_t MinSmemBytes(int d);
 
 // Enqueue only on `stream`; no allocation, no synchronisation (CUDA-graph safe).
-// `max_smem_optin` is the device's sharedMemPerBlockOptin (cached by the caller).
 cudaError_t LaunchFwd(const Params& p, cudaStream_t stream);
 cudaError_t LaunchBwd(const Params& p, cudaStream_t stream);
 

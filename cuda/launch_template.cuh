@@ -52,8 +52,13 @@ struct Cfg {
   static constexpr bool kPlainBwd = D > 64;
 };
 
+// The largest shared memory per block of sm_86/89/120 (RTX 30xx/40xx/50xx, A10, L4, L40): tiles
+// above it get a smaller alternative, taken where Params::smem_optin is below the default's need.
+constexpr size_t kSmallDeviceSmem = 99 * 1024;
+
 template <class Kernel>
-inline cudaError_t prepare(Kernel kernel, size_t smem) {
+inline cudaError_t prepare(Kernel kernel, size_t smem, const Params& p) {
+  if (smem > size_t(p.smem_optin)) return cudaErrorInvalidConfiguration;  // a launcher's bug
   if (smem > 48 * 1024)
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   return cudaSuccess;
@@ -62,7 +67,7 @@ inline cudaError_t prepare(Kernel kernel, size_t smem) {
 template <class Tr, bool kGeneral>
 cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
   auto kernel = fwd_kernel<Tr, kGeneral>;
-  if (cudaError_t e = prepare(kernel, Tr::kSmem); e != cudaSuccess) return e;
+  if (cudaError_t e = prepare(kernel, Tr::kSmem, p); e != cudaSuccess) return e;
   const dim3 grid((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
   return cudaGetLastError();
@@ -73,10 +78,36 @@ using FwdCfgTraits = FwdTraits<D, Cfg<D>::kFwdWarps, Cfg<D>::kFwdMT, BC, Cfg<D>:
                                Cfg<D>::kFwdMinBlocks, T>;
 
 // The general kernel (bias, mask) only when the call has one: the plain one carries neither.
+// Where the plain tile does not fit the device, it takes the general kernel's tile.
 template <int D, typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
-  if (p.bias || p.mask) return launch_fwd<FwdCfgTraits<D, T, Cfg<D>::kFwdBC>, true>(p, stream);
-  return launch_fwd<FwdCfgTraits<D, T, Cfg<D>::kFwdBCPlain>, false>(p, stream);
+  using General = FwdCfgTraits<D, T, Cfg<D>::kFwdBC>;
+  using Plain = FwdCfgTraits<D, T, Cfg<D>::kFwdBCPlain>;
+  if (p.bias || p.mask) return launch_fwd<General, true>(p, stream);
+  if constexpr (Plain::kSmem > kSmallDeviceSmem) {
+    if (Plain::kSmem > size_t(p.smem_optin)) return launch_fwd<General, false>(p, stream);
+  }
+  return launch_fwd<Plain, false>(p, stream);
+}
+
+// dq kernel: 32 query rows per warp; 16 where that does not fit the device (D = 128: 102 KB).
+template <int D, typename T>
+using DqCfgTraits = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
+template <int D, typename T>
+using DqSmallTraits = DqTraits<D, Cfg<D>::kDqWarps, 1, Cfg<D>::kDqBC, T>;
+
+template <class TrQ>
+cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
+  auto kernel = dq_kernel<TrQ, true>;
+  if constexpr (Cfg<TrQ::D>::kPlainBwd) {
+    if (!p.bias && !p.mask) kernel = dq_kernel<TrQ, false>;
+  }
+  if (cudaError_t e = prepare(kernel, TrQ::kSmem, p); e != cudaSuccess) return e;
+  const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
+  const dim3 grid((p.T + TrQ::BR - 1) / TrQ::BR, (ordered && p.bias_dims[1] == 1) ? 1 : p.N,
+                  (ordered && p.bias_dims[0] == 1) ? 1 : p.B);
+  kernel<<<grid, TrQ::kThreads, TrQ::kSmem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <int D, typename T>
@@ -85,18 +116,12 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
   // Deterministic mode and bias gradients use the separate dq kernel (plain stores, 7 GEMMs).
   Params p = p_in;
   p.fuse_dq = Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
-  using TrQ = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, T>;
   using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
-  auto kq = dq_kernel<TrQ, true>;
   auto kkv = dkdv_kernel<TrKV, true>;
   if constexpr (Cfg<D>::kPlainBwd) {
-    if (!p.bias && !p.mask) {
-      kq = dq_kernel<TrQ, false>;
-      kkv = dkdv_kernel<TrKV, false>;
-    }
+    if (!p.bias && !p.mask) kkv = dkdv_kernel<TrKV, false>;
   }
-  if (cudaError_t e = prepare(kq, TrQ::kSmem); e != cudaSuccess) return e;
-  if (cudaError_t e = prepare(kkv, TrKV::kSmem); e != cudaSuccess) return e;
+  if (cudaError_t e = prepare(kkv, TrKV::kSmem, p); e != cudaSuccess) return e;
 
   if (p.dbias_mode != DBiasMode::kNone && p.dbias_elems > 0) {
     if (cudaError_t e = cudaMemsetAsync(p.dbias, 0, size_t(p.dbias_elems) * sizeof(float), stream);
@@ -114,27 +139,32 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
         e != cudaSuccess)
       return e;
   } else {
-  const bool ordered = p.dbias_mode == DBiasMode::kOrdered;
-  const dim3 gq((p.T + TrQ::BR - 1) / TrQ::BR, (ordered && p.bias_dims[1] == 1) ? 1 : p.N,
-                (ordered && p.bias_dims[0] == 1) ? 1 : p.B);
-  kq<<<gq, TrQ::kThreads, TrQ::kSmem, stream>>>(p);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    cudaError_t e = cudaSuccess;
+    if constexpr (DqCfgTraits<D, T>::kSmem > kSmallDeviceSmem) {
+      e = DqCfgTraits<D, T>::kSmem > size_t(p.smem_optin) ? launch_dq<DqSmallTraits<D, T>>(p, stream)
+                                                          : launch_dq<DqCfgTraits<D, T>>(p, stream);
+    } else {
+      e = launch_dq<DqCfgTraits<D, T>>(p, stream);
+    }
+    if (e != cudaSuccess) return e;
   }
   const dim3 gkv((p.S + TrKV::BCK - 1) / TrKV::BCK, p.KH, p.B);
   kkv<<<gkv, TrKV::kThreads, TrKV::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
+// What MinSmemBytes reports: the largest need among the tiles a small device would run.
 template <int D>
-constexpr size_t max_smem() {
+constexpr size_t min_smem() {
   using F = FwdCfgTraits<D, __half, Cfg<D>::kFwdBC>;
   using FP = FwdCfgTraits<D, __half, Cfg<D>::kFwdBCPlain>;
-  using Q = DqTraits<D, Cfg<D>::kDqWarps, Cfg<D>::kDqMT, Cfg<D>::kDqBC, __half>;
+  using Q = DqCfgTraits<D, __half>;
   using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, __half>;
-  size_t m = F::kSmem > FP::kSmem ? F::kSmem : FP::kSmem;
-  m = m > Q::kSmem ? m : Q::kSmem;
-  m = m > KV::kSmem ? m : KV::kSmem;
-  return m;
+  const size_t fwd = FP::kSmem > kSmallDeviceSmem ? F::kSmem : FP::kSmem;
+  const size_t dq = Q::kSmem > kSmallDeviceSmem ? DqSmallTraits<D, __half>::kSmem : Q::kSmem;
+  size_t m = fwd > F::kSmem ? fwd : F::kSmem;
+  m = m > dq ? m : dq;
+  return m > KV::kSmem ? m : KV::kSmem;
 }
 
 }  // namespace jca

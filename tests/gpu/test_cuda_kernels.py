@@ -171,6 +171,25 @@ def test_bias_and_dbias(dtype, bshape, deterministic):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bias_mask_d128(dtype, deterministic):
+    """The general (bias / mask) kernels at the largest head dim: a bias broadcast over heads
+    (reduced dbias), a dense mask with empty rows, GQA, causal with T != S."""
+    rng = np.random.default_rng()
+    B, T, S, N, K, H = 2, 90, 150, 4, 2, 128
+    q, k, v = make(rng, B, T, S, N, K, H, dtype)
+    bias = jnp.asarray(rng.standard_normal((B, 1, T, S)) * 3, jnp.float32)
+    mask = rng.random((B, N, T, S)) > 0.3
+    mask[1, 2, :7, :] = False
+    do = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    sc = np.array([10.0, 6.0, 12.0, 9.0], np.float32)
+    res = run_kernel(q, k, v, sc, bias=bias, mask=jnp.asarray(mask), causal=True, do=do,
+                     deterministic=deterministic)
+    ref = oracle(q, k, v, sc, bias=bias, mask=mask, causal=True, do=do)
+    check_all(res, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("mag", [1e4, -1e4])
 def test_huge_bias(dtype, mag):
     """Any bias magnitude: an all-very-negative (or very positive) row must stay exact."""
