@@ -56,6 +56,20 @@ struct Cfg {
 // above it get a smaller alternative, taken where Params::smem_optin is below the default's need.
 constexpr size_t kSmallDeviceSmem = 99 * 1024;
 
+// Runs launch(Big{}) where Big fits the device, else launch(Small{}); Small is compiled only
+// where Big needs more than a small device allows. fitting_smem: what that choice needs there.
+template <class Big, class Small, class Launch>
+cudaError_t with_fitting(const Params& p, Launch&& launch) {
+  if constexpr (Big::kSmem > kSmallDeviceSmem) {
+    if (Big::kSmem > size_t(p.smem_optin)) return launch(Small{});
+  }
+  return launch(Big{});
+}
+template <class Big, class Small>
+constexpr size_t fitting_smem() {
+  return Big::kSmem > kSmallDeviceSmem ? Small::kSmem : Big::kSmem;
+}
+
 template <class Kernel>
 inline cudaError_t prepare(Kernel kernel, size_t smem, const Params& p) {
   if (smem > size_t(p.smem_optin)) return cudaErrorInvalidConfiguration;  // a launcher's bug
@@ -84,10 +98,8 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   using General = FwdCfgTraits<D, T, Cfg<D>::kFwdBC>;
   using Plain = FwdCfgTraits<D, T, Cfg<D>::kFwdBCPlain>;
   if (p.bias || p.mask) return launch_fwd<General, true>(p, stream);
-  if constexpr (Plain::kSmem > kSmallDeviceSmem) {
-    if (Plain::kSmem > size_t(p.smem_optin)) return launch_fwd<General, false>(p, stream);
-  }
-  return launch_fwd<Plain, false>(p, stream);
+  return with_fitting<Plain, General>(
+      p, [&](auto tr) { return launch_fwd<decltype(tr), false>(p, stream); });
 }
 
 // dq kernel: 32 query rows per warp; 16 where that does not fit the device (D = 128: 102 KB).
@@ -139,14 +151,10 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
         e != cudaSuccess)
       return e;
   } else {
-    cudaError_t e = cudaSuccess;
-    if constexpr (DqCfgTraits<D, T>::kSmem > kSmallDeviceSmem) {
-      e = DqCfgTraits<D, T>::kSmem > size_t(p.smem_optin) ? launch_dq<DqSmallTraits<D, T>>(p, stream)
-                                                          : launch_dq<DqCfgTraits<D, T>>(p, stream);
-    } else {
-      e = launch_dq<DqCfgTraits<D, T>>(p, stream);
-    }
-    if (e != cudaSuccess) return e;
+    if (cudaError_t e = with_fitting<DqCfgTraits<D, T>, DqSmallTraits<D, T>>(
+            p, [&](auto tr) { return launch_dq<decltype(tr)>(p, stream); });
+        e != cudaSuccess)
+      return e;
   }
   const dim3 gkv((p.S + TrKV::BCK - 1) / TrKV::BCK, p.KH, p.B);
   kkv<<<gkv, TrKV::kThreads, TrKV::kSmem, stream>>>(p);
@@ -156,14 +164,12 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
 // What MinSmemBytes reports: the largest need among the tiles a small device would run.
 template <int D>
 constexpr size_t min_smem() {
-  using F = FwdCfgTraits<D, __half, Cfg<D>::kFwdBC>;
-  using FP = FwdCfgTraits<D, __half, Cfg<D>::kFwdBCPlain>;
-  using Q = DqCfgTraits<D, __half>;
   using KV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, __half>;
-  const size_t fwd = FP::kSmem > kSmallDeviceSmem ? F::kSmem : FP::kSmem;
-  const size_t dq = Q::kSmem > kSmallDeviceSmem ? DqSmallTraits<D, __half>::kSmem : Q::kSmem;
-  size_t m = fwd > F::kSmem ? fwd : F::kSmem;
-  m = m > dq ? m : dq;
+  // (the general forward's tile is never larger than the plain one's)
+  const size_t fwd = fitting_smem<FwdCfgTraits<D, __half, Cfg<D>::kFwdBCPlain>,
+                                  FwdCfgTraits<D, __half, Cfg<D>::kFwdBC>>();
+  const size_t dq = fitting_smem<DqCfgTraits<D, __half>, DqSmallTraits<D, __half>>();
+  const size_t m = fwd > dq ? fwd : dq;
   return m > KV::kSmem ? m : KV::kSmem;
 }
 
