@@ -184,6 +184,42 @@ __device__ __forceinline__ void mgemm_rB_t(float (&acc)[MT][NT][4], const uint32
   }
 }
 
+// acc[m][16 x 8NT] += A * B with both operands in smem: A (16MT rows x 16KT) stored row-major
+// ([m][k], stride sta) or, kATrans, transposed ([k][m]); B stored [16KT rows (k)][8NT cols]
+// (stride stb, transposed ldmatrix). kScaleA: every A fragment is multiplied by a_mul (two
+// packed 16-bit values) before use.
+template <int MT, int KT, int NT, bool kATrans, bool kScaleA = false, typename T>
+__device__ __forceinline__ void mgemm_sA_sBt(float (&acc)[MT][NT][4], const T* sA, int sta,
+                                             const T* sB, int stb, int lane, uint32_t a_mul = 0) {
+  static_assert(NT % 2 == 0, "NT must be even");
+  const int mat = lane >> 3, rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if constexpr (kATrans)
+        ldsm_x4_t(a[m], sA + (16 * kk + (mat >> 1) * 8 + rr) * sta + 16 * m + (mat & 1) * 8);
+      else
+        ldsm_x4(a[m], sA + (16 * m + (mat & 1) * 8 + rr) * sta + 16 * kk + (mat >> 1) * 8);
+      if constexpr (kScaleA) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[m][i] = MmaOp<T>::mul2(a[m][i], a_mul);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, sB + (16 * kk + (mat & 1) * 8 + rr) * stb + 8 * j + (mat >> 1) * 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        MmaOp<T>::run(acc[m][j], a[m], b[0], b[1]);
+        MmaOp<T>::run(acc[m][j + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Compile-time bool for generic lambdas: uniform run-time flags dispatch to specialised loops so
 // the per-element code carries no checks it does not need.
 template <bool B>

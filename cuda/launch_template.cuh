@@ -1,6 +1,9 @@
 // Launch templates: tile configuration per head dim, grid set-up, error checks. Instantiated per
 // (head dim, dtype) in cuda/inst/*.cu so that builds parallelise.
 #pragma once
+#include <cstdlib>
+
+#include "bwd_dkdv_dq_kernel.cuh"
 #include "bwd_kernel.cuh"
 #include "fwd_kernel.cuh"
 
@@ -50,6 +53,8 @@ struct Cfg {
   // kernels' spills (dq kernel at D = 128: 92 B -> 0; bwd 1.5 % faster on the H100). At D = 64
   // the plain dK/dV kernel spills more than the general one and measured 4-8 % slower.
   static constexpr bool kPlainBwd = D > 64;
+  // The one-kernel backward (dkdv_dq_kernel, 5 products) for calls without a bias or a mask.
+  static constexpr bool kDkvDq = D == 128;
 };
 
 // The largest shared memory per block of sm_86/89/120 (RTX 30xx/40xx/50xx, A10, L4, L40): tiles
@@ -122,6 +127,48 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// A/B knob (temporary): JCA_SM80_DKDV_DQ=0 never takes dkdv_dq_kernel, 1 (default) where Cfg
+// enables it, 2 at every head dim it compiles for.
+inline int dkdv_dq_knob() {
+  static const int v = [] {
+    const char* e = std::getenv("JCA_SM80_DKDV_DQ");
+    return e ? std::atoi(e) : 1;
+  }();
+  return v;
+}
+
+// dkdv_dq_kernel where Cfg enables it, for calls without a bias or a mask, not deterministic
+// (dQ is reduced with atomics), where its tile fits the device.
+template <int D, typename T>
+bool uses_dkdv_dq(const Params& p) {
+  if constexpr (D % 64 != 0) {
+    return false;
+  } else {
+    const int knob = dkdv_dq_knob();
+    const bool on = knob == 2 || (knob == 1 && Cfg<D>::kDkvDq);
+    return on && !p.deterministic && !p.bias && !p.mask && p.dbias_mode == DBiasMode::kNone &&
+           DkvDqTraits<D, T>::kSmem <= size_t(p.smem_optin);
+  }
+}
+
+template <int D, typename T>
+cudaError_t launch_dkdv_dq(const Params& p, cudaStream_t stream) {
+  if constexpr (D % 64 != 0) {
+    return cudaErrorInvalidValue;
+  } else {
+    using Tr = DkvDqTraits<D, T>;
+    auto kernel = dkdv_dq_kernel<Tr>;
+    if (cudaError_t e = prepare(kernel, Tr::kSmem, p); e != cudaSuccess) return e;
+    const int64_t elems = int64_t(p.B) * p.T * p.N * p.D;
+    if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(elems) * sizeof(float), stream);
+        e != cudaSuccess)
+      return e;
+    const dim3 grid((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B);
+    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+    return cudaGetLastError();
+  }
+}
+
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
   // Default: dQ is reduced (f32 red.add) straight from the dK/dV kernel, FA2 style (5 GEMMs).
@@ -146,6 +193,7 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
     bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
+  if (uses_dkdv_dq<D, T>(p)) return launch_dkdv_dq<D, T>(p, stream);
   if (p.fuse_dq) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(rows) * p.D * sizeof(float), stream);
         e != cudaSuccess)
