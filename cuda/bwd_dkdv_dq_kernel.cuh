@@ -7,26 +7,30 @@
 //   dQ = dS K                 warps 2 (queries) x 4 (head dim), f32 red.add into dq_acc (zeroed).
 // Against the dq + dK/dV kernel pair (7 products, every warp re-reading whole Q / dO tiles) this
 // roughly halves the ldmatrix bytes per mma. Calls without a bias or a mask, not deterministic.
-// dO is single-buffered (the tile fits the 163 KB of an A100): the next tile is loaded once
-// every warp has read it for dV, under the dK and dQ products.
+// kDoubleDO: dO has two stages like Q (175 KB of shared memory at D = 128); otherwise one (the
+// tile fits the 163 KB of an A100) and the next dO tile is loaded once every warp has read it for
+// dV, under the dK and dQ products.
 #pragma once
 #include "kernel_common.cuh"
 
 namespace jca {
 
-template <int D_, typename T_>
+template <int D_, bool kDoubleDO_, typename T_>
 struct DkvDqTraits {
   using T = T_;
   static constexpr int D = D_, BN = 128, BM = 64, kThreads = 256;
+  static constexpr bool kDoubleDO = kDoubleDO_;
   static_assert(D % 64 == 0, "head dim split 2 ways (dK/dV) and 4 ways (dQ) in pairs of n8 tiles");
   static constexpr int kStride = D + 8;    // K, V, Q, dO rows (padded: conflict-free ldmatrix)
   static constexpr int kPStride = BN + 8;  // P, dS rows ([query][key])
   static constexpr int kKV = BN * kStride;
   static constexpr int kQS = BM * kStride;
   static constexpr int kPS = BM * kPStride;
-  // K, V; Q x 2 stages; dO; P; dS (elements of T); lse2 and delta x 2 stages (f32)
+  static constexpr int kDOStages = kDoubleDO ? 2 : 1;
+  // K, V; Q x 2 stages; dO x kDOStages; P; dS (elements of T); lse2 and delta x 2 stages (f32)
   static constexpr size_t kSmem =
-      (size_t(2) * kKV + size_t(3) * kQS + size_t(2) * kPS) * sizeof(T) + 4 * BM * sizeof(float);
+      (size_t(2) * kKV + size_t(2 + kDOStages) * kQS + size_t(2) * kPS) * sizeof(T) +
+      4 * BM * sizeof(float);
 };
 
 template <class Tr>
@@ -39,8 +43,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + Tr::kKV;
   T* sQ = sV + Tr::kKV;       // [2][BM][ST]
-  T* sO = sQ + 2 * Tr::kQS;   // dO [BM][ST]
-  T* sP = sO + Tr::kQS;       // [BM][PS]
+  T* sO = sQ + 2 * Tr::kQS;   // dO [kDOStages][BM][ST]
+  T* sP = sO + Tr::kDOStages * Tr::kQS;  // [BM][PS]
   T* sdS = sP + Tr::kPS;      // [BM][PS]
   float* sL = reinterpret_cast<float*>(sdS + Tr::kPS);  // lse2 [2][BM]
   float* sDl = sL + 2 * BM;                              // delta [2][BM]
@@ -88,8 +92,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
       cp_async4((i < BM ? sL : sDl) + stage * BM + r, src, ok);
     }
   };
-  auto load_do = [&](int it) {
-    load_tile<BM, D, Tr::kThreads>(sO, dobase + int64_t(head_of(it)) * D, qrow, row0_of(it), p.T,
+  auto load_do = [&](int it, int stage) {
+    load_tile<BM, D, Tr::kThreads>(sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS, dobase + int64_t(head_of(it)) * D, qrow, row0_of(it), p.T,
                                    tid);
   };
 
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
     load_tile<BN, D, Tr::kThreads>(sK, static_cast<const T*>(p.k) + koff, krow, s0, p.S, tid);
     load_tile<BN, D, Tr::kThreads>(sV, static_cast<const T*>(p.v) + koff, krow, s0, p.S, tid);
     load_q(0, 0);
-    load_do(0);
+    load_do(0, 0);
     cp_async_commit();
   }
 
@@ -117,9 +121,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
     __syncthreads();     // ... for every thread; step it-1 is done with Q stage (it+1)&1
     if (it + 1 < total) {
       load_q(it + 1, stage ^ 1);
+      if constexpr (Tr::kDoubleDO) load_do(it + 1, stage ^ 1);
       cp_async_commit();
     }
     const T* q_s = sQ + stage * Tr::kQS;
+    const T* o_s = sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS;
     const float* l_s = sL + stage * BM;
     const float* d_s = sDl + stage * BM;
 
@@ -130,7 +136,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
       zero_acc(dpacc[m]);
     }
     mgemm_sA_nt<2, KT, 4>(sacc, q_s + wq * ST, sK + wk * ST, ST, lane);   // S = Q K^T
-    mgemm_sA_nt<2, KT, 4>(dpacc, sO + wq * ST, sV + wk * ST, ST, lane);   // dP = dO V^T
+    mgemm_sA_nt<2, KT, 4>(dpacc, o_s + wq * ST, sV + wk * ST, ST, lane);   // dP = dO V^T
 
     float rl[4], rd[4];  // rows wq + 16m + 8h + g, r = 2m + h
 #pragma unroll
@@ -174,11 +180,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
         }
     __syncthreads();  // P, dS complete
 
-    mgemm_sA_sBt<2, BM / 16, NKV, true>(dvacc, sP + vk, PS, sO + vd, ST, lane);  // dV += P^T dO
-    __syncthreads();  // every warp has read dO(it)
-    if (it + 1 < total) {
-      load_do(it + 1);
-      cp_async_commit();
+    mgemm_sA_sBt<2, BM / 16, NKV, true>(dvacc, sP + vk, PS, o_s + vd, ST, lane);  // dV += P^T dO
+    if constexpr (!Tr::kDoubleDO) {
+      __syncthreads();  // every warp has read dO(it)
+      if (it + 1 < total) {
+        load_do(it + 1, 0);
+        cp_async_commit();
+      }
     }
     if (one_scale) {  // dK += dS^T Q (scaled at the end)
       mgemm_sA_sBt<2, BM / 16, NKV, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane);

@@ -205,10 +205,13 @@ def test_huge_bias(dtype, mag):
     check_all(res, ref, dtype)
 
 
+@pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
-def test_masks_lengths_empty_rows(dtype):
+def test_masks_lengths_empty_rows(dtype, H):
+    """Masks and lengths, with rows and whole batches that attend nothing; without a mask (lengths
+    only), D=128 runs the one-kernel backward (dkdv_dq_kernel)."""
     rng = np.random.default_rng()
-    B, T, S, N, K, H = 3, 96, 80, 4, 2, 64
+    B, T, S, N, K = 3, 96, 80, 4, 2
     q, k, v = make(rng, B, T, S, N, K, H, dtype)
     kpm = rng.random((B, 1, 1, S)) > 0.3
     kpm[1, :, :, :] = False  # batch 1: every key padded -> all rows empty
@@ -218,8 +221,9 @@ def test_masks_lengths_empty_rows(dtype):
     kv_len = np.array([S, 60, 0], np.int32)  # batch 2: no keys at all
     do = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
     sc = np.full(N, 10.0, np.float32)
-    for mask, causal in ((kpm, False), (dense, True), (kpm, True)):
-        res = run_kernel(q, k, v, sc, mask=jnp.asarray(mask), q_len=jnp.asarray(q_len),
+    for mask, causal in ((kpm, False), (dense, True), (kpm, True), (None, True)):
+        res = run_kernel(q, k, v, sc, mask=None if mask is None else jnp.asarray(mask),
+                         q_len=jnp.asarray(q_len),
                          kv_len=jnp.asarray(kv_len), causal=causal, do=do)
         ref = oracle(q, k, v, sc, mask=mask, q_len=q_len, kv_len=kv_len, causal=causal, do=do)
         check_all(res, ref, dtype)

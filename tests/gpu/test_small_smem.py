@@ -1,6 +1,7 @@
 """The portable kernels within 99 KB of shared memory a block, the limit of sm_86/89/120 devices
 (RTX 30xx-50xx, A10, L4, L40): where a default tile needs more (D=128: the dq kernel and the plain
-forward, 102 KB each), the launchers take a smaller one.
+forward, 102 KB each), the launchers take a smaller one. Within an A100's 163 KB, the D=128
+one-kernel backward takes its single-buffered-dO tile (158 KB instead of 175).
 
 JCA_DEBUG_SMEM_LIMIT caps what the launchers may use (a launch above the cap fails), so this GPU
 runs the small device's tiles. The cap is read once per process: each case runs pytest or Python
@@ -13,6 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SMALL_DEVICE = 99 * 1024
+A100 = 163 * 1024
 
 
 def _child(cap, argv):
@@ -27,6 +29,14 @@ def test_kernel_suite_within_99kb():
     r = _child(SMALL_DEVICE, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                               "--rootdir", str(HERE), str(HERE / "test_cuda_kernels.py"),
                               "-k", cases])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-800:]
+
+
+def test_d128_backward_within_a100_limit():
+    cases = "(test_fwd_bwd_dims and 128) or test_masks_lengths_empty_rows"
+    r = _child(A100, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                      "--rootdir", str(HERE), str(HERE / "test_cuda_kernels.py"), "-k", cases])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-800:]
 
