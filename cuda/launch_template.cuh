@@ -52,7 +52,7 @@ struct Cfg {
   // the plain dK/dV kernel spills more than the general one and measured 4-8 % slower.
   static constexpr bool kPlainBwd = D > 64;
   // The one-kernel backward (dkdv_dq_kernel, 5 products) for calls without a bias or a mask:
-  // 1.21-1.24x (single-buffered dO), 1.26-1.30x (double) over the dq + dK/dV kernels at D = 128
+  // 1.21-1.24x (single-buffered dO), 1.24-1.31x (double) over the dq + dK/dV kernels at D = 128
   // on the H100; slower at D = 64 (3.85 vs 3.24-3.29 ms at N = 4096) than the fused-dQ dK/dV
   // kernel.
   static constexpr bool kDkvDq = D == 128;
