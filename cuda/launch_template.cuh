@@ -145,10 +145,6 @@ template <class Tr>
 cudaError_t launch_dkdv_dq_tile(const Params& p, cudaStream_t stream) {
   auto kernel = dkdv_dq_kernel<Tr>;
   if (cudaError_t e = prepare(kernel, Tr::kSmem, p); e != cudaSuccess) return e;
-  const int64_t elems = int64_t(p.B) * p.T * p.N * p.D;
-  if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(elems) * sizeof(float), stream);
-      e != cudaSuccess)
-    return e;
   const dim3 grid((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B);
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
   return cudaGetLastError();
@@ -167,16 +163,21 @@ cudaError_t launch_dkdv_dq(const Params& p, cudaStream_t stream) {
 
 template <int D, typename T>
 cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
-  // Default: dQ is reduced (f32 red.add) straight from the dK/dV kernel, FA2 style (5 GEMMs).
-  // Deterministic mode and bias gradients use the separate dq kernel (plain stores, 7 GEMMs).
+  // dQ by f32 reductions into the zeroed dq_acc (5 GEMMs): the one-kernel backward (D = 128) or
+  // the dK/dV kernel's fused dQ (D <= 64). Deterministic mode and bias gradients use the separate
+  // dq kernel (plain stores, 7 GEMMs).
   Params p = p_in;
-  p.fuse_dq = Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone;
+  const bool one_kernel = uses_dkdv_dq<D, T>(p);
+  p.fuse_dq = one_kernel ||
+              (Cfg<D>::kFuseDq && !p.deterministic && p.dbias_mode == DBiasMode::kNone);
   using TrKV = DkvTraits<D, Cfg<D>::kDkvWarps, Cfg<D>::kDkvMT, Cfg<D>::kDkvBRQ, Cfg<D>::kDkvMinBlocks, T>;
   auto kkv = dkdv_kernel<TrKV, true>;
   if constexpr (Cfg<D>::kPlainBwd) {
     if (!p.bias && !p.mask) kkv = dkdv_kernel<TrKV, false>;
   }
-  if (cudaError_t e = prepare(kkv, TrKV::kSmem, p); e != cudaSuccess) return e;
+  if (!one_kernel) {
+    if (cudaError_t e = prepare(kkv, TrKV::kSmem, p); e != cudaSuccess) return e;
+  }
 
   if (p.dbias_mode != DBiasMode::kNone && p.dbias_elems > 0) {
     if (cudaError_t e = cudaMemsetAsync(p.dbias, 0, size_t(p.dbias_elems) * sizeof(float), stream);
@@ -189,12 +190,13 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
     bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  if (uses_dkdv_dq<D, T>(p)) return launch_dkdv_dq<D, T>(p, stream);
   if (p.fuse_dq) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(rows) * p.D * sizeof(float), stream);
         e != cudaSuccess)
       return e;
-  } else {
+  }
+  if (one_kernel) return launch_dkdv_dq<D, T>(p, stream);
+  if (!p.fuse_dq) {
     if (cudaError_t e = with_fitting<DqCfgTraits<D, T>, DqSmallTraits<D, T>>(
             p, [&](auto tr) { return launch_dq<decltype(tr)>(p, stream); });
         e != cudaSuccess)
