@@ -1,12 +1,13 @@
 """A/B of kernel variants selected by an environment variable the launcher reads once
 per process (`--env`): a temporary knob added to the launcher for the experiment (sessions 3-5
 of benchmarks/NOTES.md used JCA_SM90_BWD_VARIANT, JCA_SM90_EXP_EMU, JCA_SM80_VARIANT,
-JCA_SM80_DKDV_DQ and JCA_SM80_FWD_SPLIT; none is in the tree now).
+JCA_SM80_DKDV_DQ and JCA_SM80_FWD_SPLIT, session 6 JCA_EXP; none is in the tree now).
 
 For each head dim: the variant's outputs (`--pass fwd`: o and lse; `bwd`: dq, dk, dv) against
 the other architecture's kernels on the same inputs (`--sm80`: the variant is a portable kernel,
 checked against the sm_90a one) (max abs difference relative to the largest magnitude),
-then the median time of the raw FFI call (B=4, H=16, N given, bf16, 3 rotating input sets).
+then the median time of the raw FFI call (B=4, H=16, N given, bf16; three input sets per
+dispatch, time / 3).
 Prints one JSON line per config.
 Usage: KNOB=2 python -P benchmarks/kernel_variants.py --pass fwd --env KNOB
 """
@@ -87,14 +88,14 @@ def main():
                 o, lse = fwd(q, k, v, None, None, None, sc)
                 sets.append((q, k, v, do, o, lse, sc))
             run = make(False, tested)
-            for s in sets:
-                jax.block_until_ready(run(*s))
+            # the three input sets in one dispatch: per-call launch overhead amortised
+            run3 = jax.jit(lambda sets: [run(*s) for s in sets])
+            jax.block_until_ready(run3(sets))
             times = []
             for i in range(a.reps):
-                s = sets[i % 3]
                 t = time.perf_counter()
-                jax.block_until_ready(run(*s))
-                times.append(time.perf_counter() - t)
+                jax.block_until_ready(run3(sets))
+                times.append((time.perf_counter() - t) / 3)
             ms = statistics.median(times) * 1e3
             flops = (2.5 if a.which == "bwd" else 1.0) * 4 * B * N * S * S * D
             print(json.dumps(dict(env=a.env, variant=int(variant), D=D, N=S, ms=round(ms, 4),

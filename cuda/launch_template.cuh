@@ -185,11 +185,7 @@ cudaError_t run_bwd(const Params& p_in, cudaStream_t stream) {
       return e;
   }
   const int64_t rows = int64_t(p.B) * p.T * p.N;
-  if (rows > 0) {
-    const int warps = 8;
-    bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  }
+  if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (p.fuse_dq) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(rows) * p.D * sizeof(float), stream);
         e != cudaSuccess)

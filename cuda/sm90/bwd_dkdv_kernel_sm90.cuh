@@ -6,7 +6,8 @@
 //   warpgroups 1-2 64 keys each. Per query tile:
 //                  S^T = K Q^T and dP^T = V dO^T (SS wgmma), P^T = 2^(S^T c - lse2),
 //                  dS^T = P^T (dP^T - delta); dV += P^T dO and dK += (scale dS^T) Q (RS wgmma,
-//                  P and dS from registers).
+//                  P and dS from registers; a scale shared by the GQA group is applied to dK
+//                  once at the end).
 //                  With FuseDq (FA3's 5-product backward) each also stores its dS half to smem;
 //                  after a barrier of both, dQ = dS K (SS wgmma, the warpgroups split D) is
 //                  staged in smem and each warp TMA reduce-adds its 16 x D/2 block into the
@@ -267,6 +268,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tKVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
   Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
 
+  // With one scale for the whole GQA group, dK is scaled once in the epilogue instead of every
+  // dS^T element per step (as exact: the unscaled dS is rounded to 16 bits either way).
+  bool one_scale = true;
+  for (int i = 1; i < p.hpk; ++i) one_scale &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
+
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
     const int st = step % STAGES;
@@ -310,16 +316,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       else exps(BoolC<false>{});
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrdP);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); i += 2) {
-        float dsv[2];
+      auto make_ds = [&](auto scaled) {
         CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 2; ++e)
-          dsv[e] = tSrS(i + e) * (tSrdP(i + e) - ss.delta[st][get<1>(tScS(i + e))]);
-        dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
-        if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
-          *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
-      }
+        for (int i = 0; i < size(tSrS); i += 2) {
+          float dsv[2];
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 2; ++e)
+            dsv[e] = tSrS(i + e) * (tSrdP(i + e) - ss.delta[st][get<1>(tScS(i + e))]);
+          if constexpr (decltype(scaled)::value)
+            dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
+          else
+            dds[i / 2] = MmaOp<T>::pack(dsv[0], dsv[1]);
+          if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
+            *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
+        }
+      };
+      if (one_scale) make_ds(BoolC<false>{});
+      else make_ds(BoolC<true>{});
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
@@ -374,6 +387,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if constexpr (Tr::kFuseDq) bulk_wait_all();  // staging tiles stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
+  if (one_scale) {
+    const float sc0 = p.scale[kh * p.hpk];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); ++i) tdKrdK(i) *= sc0;
+  }
   const int64_t krow = int64_t(p.KH) * D;
   T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.S * krow + int64_t(kh) * D;
   T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.S * krow + int64_t(kh) * D;
@@ -431,6 +449,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
   }
+  // Launched to overlap the dQ kernel (launch_dkdv): this CTA may not complete before it, or the
+  // work after this kernel could read an unfinished dq.
+  wait_for_previous_grid();
 }
 
 }  // namespace jca::sm90

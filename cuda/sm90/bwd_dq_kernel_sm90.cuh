@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using EmptyBar = cutlass::arch::ClusterBarrier;
   constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, STAGES = Tr::STAGES;
   const Params& p = args.p;
+  allow_dependent_launch();  // the dK/dV kernel after this one does not read its outputs
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);

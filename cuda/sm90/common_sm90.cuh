@@ -96,16 +96,41 @@ auto gmem_rows_view(const void* ptr, int rows, int heads, int batch) {
 template <class Element, int D>
 using GTensor = decltype(gmem_rows_view<Element, D>(nullptr, 0, 0, 0));
 
-// Host: launch a kernel that needs more than 48 KiB of dynamic shared memory.
+// Host: launch a kernel that needs more than 48 KiB of dynamic shared memory. overlap_previous:
+// programmatic dependent launch -- the kernel's CTAs may start while the previous kernel on the
+// stream still runs (once all of its CTAs have executed griddepcontrol.launch_dependents); the
+// kernel must then not read what that kernel writes, and must execute griddepcontrol.wait before
+// it completes so that work after it still sees the previous kernel finished.
 template <class Kernel, class Args>
 cudaError_t launch_big_smem(Kernel kernel, const Args& args, dim3 grid, int threads, size_t smem,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, bool overlap_previous = false) {
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(smem));
       e != cudaSuccess)
     return e;
-  kernel<<<grid, threads, smem, stream>>>(args);
-  return cudaGetLastError();
+  if (!overlap_previous) {
+    kernel<<<grid, threads, smem, stream>>>(args);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+// Device side of programmatic dependent launch (no-ops when the launch did not ask for it).
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void wait_for_previous_grid() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand

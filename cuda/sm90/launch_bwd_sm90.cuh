@@ -60,9 +60,11 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   if constexpr (!Tr::kFuseDq) {
     if (p.k_raw) kernel = bwd_dkdv_kernel_sm90<Tr, true>;
   }
+  // The plain dK/dV kernel reads nothing the dQ kernel before it writes: its CTAs fill the SMs
+  // that the dQ kernel's last wave leaves idle.
   return launch_big_smem(kernel, args,
                          dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
-                         stream);
+                         stream, /*overlap_previous=*/!Tr::kFuseDq);
 }
 
 // The fused-dQ backward is opt-in (Params::sm90_fused_dq; Python: JCA_SM90_FUSED_DQ=1): on an
@@ -77,11 +79,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
         e != cudaSuccess)
       return e;
   }
-  if (rows > 0) {
-    const int warps = 8;
-    bwd_preprocess<T><<<unsigned((rows + warps - 1) / warps), 32 * warps, 0, stream>>>(p);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  }
+  if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
     if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
