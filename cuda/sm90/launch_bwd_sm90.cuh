@@ -1,6 +1,8 @@
 // Host side of the sm_90a backward: delta / lse2 preprocess (the sm_80 kernel's), then the dQ
 // kernel over (query tile, head, batch) and the plain dK/dV kernel over (key tile, kv head,
 // batch) -- or, opt-in, the dK/dV kernel with the fused dQ (reduced into the zeroed dq_acc).
+// The two kernels are independent (both read the preprocess's rows), so the dK/dV kernel is a
+// programmatic dependent launch that starts filling SMs during the dQ kernel's last wave.
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
 #include "../bwd_kernel.cuh"
