@@ -67,11 +67,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   const float* delta = static_cast<const float*>(p.workspace);
   const float* lse2 = delta + rows_total;
 
-  int qt_begin = 0, nq = 0;
-  if (s0 < L.kvlen && L.qlen > 0) {
-    qt_begin = L.first_row(s0) / BM;
-    nq = max(0, (L.qlen + BM - 1) / BM - qt_begin);
-  }
+  int qt_begin, nq;
+  L.query_tiles(s0, BM, qt_begin, nq);
   const int total = p.hpk * nq;
   // With one scale for the whole group, dK is scaled once at the end (as exact as scaling dS);
   // otherwise each step's dS^T fragments are.
@@ -84,13 +81,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
     const int n = head_of(it), tq0 = row0_of(it);
     load_tile<BM, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(n) * D, qrow, tq0, p.T,
                                    tid);
-    const int64_t ro = (int64_t(b) * p.N + n) * p.T;
-    for (int i = tid; i < 2 * BM; i += Tr::kThreads) {
-      const int r = i % BM;
-      const bool ok = tq0 + r < p.T;
-      const float* src = (i < BM ? lse2 : delta) + (ok ? ro + tq0 + r : 0);
-      cp_async4((i < BM ? sL : sDl) + stage * BM + r, src, ok);
-    }
+    load_row_stats<BM, Tr::kThreads>(sL + stage * BM, sDl + stage * BM, lse2, delta,
+                                     (int64_t(b) * p.N + n) * p.T, tq0, p.T, tid);
   };
   auto load_do = [&](int it, int stage) {
     load_tile<BM, D, Tr::kThreads>(sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS, dobase + int64_t(head_of(it)) * D, qrow, row0_of(it), p.T,

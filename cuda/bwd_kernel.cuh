@@ -314,12 +314,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
   const float* delta = static_cast<const float*>(p.workspace);
   const float* lse2 = delta + rows_total;
 
-  int qt_begin = 0, nq = 0;
-  if (s0 < L.kvlen && L.qlen > 0) {
-    qt_begin = L.first_row(s0) / BRQ;
-    const int qt_end = (L.qlen + BRQ - 1) / BRQ;
-    nq = max(0, qt_end - qt_begin);
-  }
+  int qt_begin, nq;
+  L.query_tiles(s0, BRQ, qt_begin, nq);
   const int total = p.hpk * nq;
 
   auto prefetch = [&](int it, int stage) {
@@ -330,13 +326,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
                                     tid);
     load_tile<BRQ, D, Tr::kThreads>(sO + stage * Tr::kQS, dobase + int64_t(n) * D, qrow, tq0, p.T,
                                     tid);
-    const int64_t ro = (int64_t(b) * p.N + n) * p.T;
-    for (int i = tid; i < 2 * BRQ; i += Tr::kThreads) {
-      const int r = i % BRQ;
-      const bool ok = tq0 + r < p.T;
-      const float* src = (i < BRQ ? lse2 : delta) + (ok ? ro + tq0 + r : 0);
-      cp_async4((i < BRQ ? sL : sDl) + stage * BRQ + r, src, ok);
-    }
+    load_row_stats<BRQ, Tr::kThreads>(sL + stage * BRQ, sDl + stage * BRQ, lse2, delta,
+                                      (int64_t(b) * p.N + n) * p.T, tq0, p.T, tid);
   };
 
   if (total > 0) {

@@ -14,6 +14,20 @@
 
 namespace jca {
 
+// Stage the lse2 and delta values of query rows t0.. (ROWS of them; row_base = the (b, n) row
+// offset of the [B,N,T] workspace arrays) into sL / sD; rows >= T are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_row_stats(float* sL, float* sD, const float* lse2,
+                                               const float* delta, int64_t row_base, int t0,
+                                               int T, int tid) {
+  for (int i = tid; i < 2 * ROWS; i += THREADS) {
+    const int r = i % ROWS;
+    const bool ok = t0 + r < T;
+    const float* src = (i < ROWS ? lse2 : delta) + (ok ? row_base + t0 + r : 0);
+    cp_async4((i < ROWS ? sL : sD) + r, src, ok);
+  }
+}
+
 // Copy a [ROWS x D] tile (rows r0.. of a row-major tensor whose rows are `gstride` elements
 // apart) into padded smem [ROWS][D+8]. Rows >= nrows are zero-filled.
 template <int ROWS, int D, int THREADS, typename T>
@@ -256,6 +270,16 @@ struct RowLimits {
   // First query row that may attend key s (causal), else 0.
   __device__ __forceinline__ int first_row(int s) const {
     return causal ? max(0, s - (S - T)) : 0;
+  }
+  // The query tiles (of `rows` rows) that can see a key of the key tile starting at s0:
+  // [begin, begin + count); count is 0 when the tile holds no valid key or no row is valid.
+  __device__ __forceinline__ void query_tiles(int s0, int rows, int& begin, int& count) const {
+    begin = 0;
+    count = 0;
+    if (s0 < kvlen && qlen > 0) {
+      begin = first_row(s0) / rows;
+      count = max(0, (qlen + rows - 1) / rows - begin);
+    }
   }
 };
 
