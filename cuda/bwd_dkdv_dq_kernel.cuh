@@ -75,25 +75,37 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   bool one_scale = true;
   for (int i = 1; i < p.hpk; ++i) one_scale &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
 
-  auto head_of = [&](int it) { return kh * p.hpk + it / nq; };
-  auto row0_of = [&](int it) { return (qt_begin + it % nq) * BM; };
-  auto load_q = [&](int it, int stage) {
-    const int n = head_of(it), tq0 = row0_of(it);
-    load_tile<BM, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(n) * D, qrow, tq0, p.T,
-                                   tid);
+  // Step it = (head kh * hpk + it / nq, query tile qt_begin + it % nq), walked with a cursor
+  // instead of a division per step.
+  struct Step {
+    int n, tq0;
+  };
+  const int tq_begin = qt_begin * BM, tq_end = (qt_begin + nq) * BM;
+  auto next_step = [&](Step s) {
+    s.tq0 += BM;
+    if (s.tq0 == tq_end) {
+      s.tq0 = tq_begin;
+      ++s.n;
+    }
+    return s;
+  };
+  auto load_q = [&](Step s, int stage) {
+    load_tile<BM, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(s.n) * D, qrow, s.tq0,
+                                   p.T, tid);
     load_row_stats<BM, Tr::kThreads>(sL + stage * BM, sDl + stage * BM, lse2, delta,
-                                     (int64_t(b) * p.N + n) * p.T, tq0, p.T, tid);
+                                     (int64_t(b) * p.N + s.n) * p.T, s.tq0, p.T, tid);
   };
-  auto load_do = [&](int it, int stage) {
-    load_tile<BM, D, Tr::kThreads>(sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS, dobase + int64_t(head_of(it)) * D, qrow, row0_of(it), p.T,
-                                   tid);
+  auto load_do = [&](Step s, int stage) {
+    load_tile<BM, D, Tr::kThreads>(sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS,
+                                   dobase + int64_t(s.n) * D, qrow, s.tq0, p.T, tid);
   };
+  Step cur{kh * p.hpk, tq_begin};
 
   if (total > 0) {
     load_tile<BN, D, Tr::kThreads>(sK, static_cast<const T*>(p.k) + koff, krow, s0, p.S, tid);
     load_tile<BN, D, Tr::kThreads>(sV, static_cast<const T*>(p.v) + koff, krow, s0, p.S, tid);
-    load_q(0, 0);
-    load_do(0, 0);
+    load_q(cur, 0);
+    load_do(cur, 0);
     cp_async_commit();
   }
 
@@ -106,14 +118,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
 
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
-    const int n = head_of(it), tq0 = row0_of(it);
+    const int n = cur.n, tq0 = cur.tq0;
+    const Step nxt = next_step(cur);
     const float sc = p.scale[n];
     const float c2 = sc * kLog2e;
     cp_async_wait<0>();  // Q(it) and its row statistics, dO(it)
     __syncthreads();     // ... for every thread; step it-1 is done with Q stage (it+1)&1
     if (it + 1 < total) {
-      load_q(it + 1, stage ^ 1);
-      if constexpr (Tr::kDoubleDO) load_do(it + 1, stage ^ 1);
+      load_q(nxt, stage ^ 1);
+      if constexpr (Tr::kDoubleDO) load_do(nxt, stage ^ 1);
       cp_async_commit();
     }
     const T* q_s = sQ + stage * Tr::kQS;
@@ -176,7 +189,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
     if constexpr (!Tr::kDoubleDO) {
       __syncthreads();  // every warp has read dO(it)
       if (it + 1 < total) {
-        load_do(it + 1, 0);
+        load_do(nxt, 0);
         cp_async_commit();
       }
     }
@@ -202,6 +215,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
           red_add2(row + 8 * j, qacc[r >> 1][j][2 * (r & 1)], qacc[r >> 1][j][2 * (r & 1) + 1]);
       }
     }
+    cur = nxt;
   }
 
   const float kscale = one_scale ? p.scale[kh * p.hpk] : 1.f;

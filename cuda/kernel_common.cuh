@@ -20,11 +20,17 @@ template <int ROWS, int THREADS>
 __device__ __forceinline__ void load_row_stats(float* sL, float* sD, const float* lse2,
                                                const float* delta, int64_t row_base, int t0,
                                                int T, int tid) {
-  for (int i = tid; i < 2 * ROWS; i += THREADS) {
-    const int r = i % ROWS;
-    const bool ok = t0 + r < T;
-    const float* src = (i < ROWS ? lse2 : delta) + (ok ? row_base + t0 + r : 0);
-    cp_async4((i < ROWS ? sL : sD) + r, src, ok);
+  // Trip count known at compile time (a loop from tid is not: it compiles to a rolled loop with
+  // a branch per element, which ncu counted at ~10x FA2's branches per step).
+#pragma unroll
+  for (int it = 0; it < (2 * ROWS + THREADS - 1) / THREADS; ++it) {
+    const int i = tid + it * THREADS;
+    if ((2 * ROWS) % THREADS == 0 || i < 2 * ROWS) {
+      const int r = i % ROWS;
+      const bool ok = t0 + r < T;
+      const float* src = (i < ROWS ? lse2 : delta) + (ok ? row_base + t0 + r : 0);
+      cp_async4((i < ROWS ? sL : sD) + r, src, ok);
+    }
   }
 }
 
@@ -35,12 +41,35 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t gstri
                                           int nrows, int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kStride = D + 8;
+  constexpr int kTotal = ROWS * kChunks;
+  constexpr int kIters = (kTotal + THREADS - 1) / THREADS;
+  if constexpr (THREADS % kChunks == 0) {
+    // Compile-time trip count, and a thread's chunk column is the same in every iteration: one
+    // row pointer advanced by a fixed number of rows (a loop from tid compiled to a rolled loop
+    // with a branch per chunk: ncu counted ~10x FA2's branches per step).
+    constexpr int kRowStep = THREADS / kChunks;
+    const int r = tid / kChunks, ch = tid % kChunks;
+    const T* src = gbase + (int64_t)(r0 + r) * gstride + ch * 8;
+    T* dst = smem + r * kStride + ch * 8;
 #pragma unroll
-  for (int i = tid; i < ROWS * kChunks; i += THREADS) {
-    const int r = i / kChunks, ch = i % kChunks;
-    const bool ok = (r0 + r) < nrows;
-    const T* src = ok ? gbase + (int64_t)(r0 + r) * gstride + ch * 8 : gbase;
-    cp_async16(smem + r * kStride + ch * 8, src, ok);
+    for (int it = 0; it < kIters; ++it) {
+      if (kTotal % THREADS == 0 || r + it * kRowStep < ROWS) {
+        const bool ok = r0 + r + it * kRowStep < nrows;
+        cp_async16(dst + it * kRowStep * kStride, ok ? src : gbase, ok);
+      }
+      src += kRowStep * gstride;
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int i = tid + it * THREADS;
+      if (kTotal % THREADS == 0 || i < kTotal) {
+        const int r = i / kChunks, ch = i % kChunks;
+        const bool ok = (r0 + r) < nrows;
+        const T* src = ok ? gbase + (int64_t)(r0 + r) * gstride + ch * 8 : gbase;
+        cp_async16(smem + r * kStride + ch * 8, src, ok);
+      }
+    }
   }
 }
 
