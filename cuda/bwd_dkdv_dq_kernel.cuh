@@ -75,31 +75,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   bool one_scale = true;
   for (int i = 1; i < p.hpk; ++i) one_scale &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
 
-  // Step it = (head kh * hpk + it / nq, query tile qt_begin + it % nq), walked with a cursor
-  // instead of a division per step.
-  struct Step {
-    int n, tq0;
-  };
-  const int tq_begin = qt_begin * BM, tq_end = (qt_begin + nq) * BM;
-  auto next_step = [&](Step s) {
-    s.tq0 += BM;
-    if (s.tq0 == tq_end) {
-      s.tq0 = tq_begin;
-      ++s.n;
-    }
-    return s;
-  };
-  auto load_q = [&](Step s, int stage) {
+  const QuerySteps steps{qt_begin * BM, (qt_begin + nq) * BM, BM};
+  auto load_q = [&](QueryStep s, int stage) {
     load_tile<BM, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(s.n) * D, qrow, s.tq0,
                                    p.T, tid);
     load_row_stats<BM, Tr::kThreads>(sL + stage * BM, sDl + stage * BM, lse2, delta,
                                      (int64_t(b) * p.N + s.n) * p.T, s.tq0, p.T, tid);
   };
-  auto load_do = [&](Step s, int stage) {
+  auto load_do = [&](QueryStep s, int stage) {
     load_tile<BM, D, Tr::kThreads>(sO + (Tr::kDoubleDO ? stage : 0) * Tr::kQS,
                                    dobase + int64_t(s.n) * D, qrow, s.tq0, p.T, tid);
   };
-  Step cur{kh * p.hpk, tq_begin};
+  QueryStep cur = steps.first(kh * p.hpk);
 
   if (total > 0) {
     load_tile<BN, D, Tr::kThreads>(sK, static_cast<const T*>(p.k) + koff, krow, s0, p.S, tid);
@@ -116,12 +103,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
     zero_acc(dvacc[m]);
   }
 
+  // Each step's scale is loaded a step ahead: a load right before its use stalled every step
+  // (ncu: 7 % of the warp samples, long scoreboard).
+  float sc_next = p.scale[cur.n];
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
     const int n = cur.n, tq0 = cur.tq0;
-    const Step nxt = next_step(cur);
-    const float sc = p.scale[n];
+    const QueryStep nxt = steps.next(cur);
+    const float sc = sc_next;
     const float c2 = sc * kLog2e;
+    if (it + 1 < total) sc_next = p.scale[nxt.n];
     cp_async_wait<0>();  // Q(it) and its row statistics, dO(it)
     __syncthreads();     // ... for every thread; step it-1 is done with Q stage (it+1)&1
     if (it + 1 < total) {
@@ -193,13 +184,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
         cp_async_commit();
       }
     }
-    if (one_scale) {  // dK += dS^T Q (scaled at the end)
-      mgemm_sA_sBt<2, BM / 16, NKV, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane);
-    } else {  // dK += (scale dS)^T Q
-      mgemm_sA_sBt<2, BM / 16, NKV, true, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane,
-                                                Op::pack(sc, sc));
-    }
-
     float qacc[2][NQ][4];  // dQ rows wq.., dims qd.. over this tile's keys
 #pragma unroll
     for (int m = 0; m < 2; ++m) zero_acc(qacc[m]);
@@ -214,6 +198,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
         for (int j = 0; j < NQ; ++j)
           red_add2(row + 8 * j, qacc[r >> 1][j][2 * (r & 1)], qacc[r >> 1][j][2 * (r & 1) + 1]);
       }
+    }
+    // dK last (FA2's order): the red.adds above hold their registers until the LSU reads them,
+    // and this product gives them that time before the next step reuses the registers.
+    if (one_scale) {  // dK += dS^T Q (scaled at the end)
+      mgemm_sA_sBt<2, BM / 16, NKV, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane);
+    } else {  // dK += (scale dS)^T Q
+      mgemm_sA_sBt<2, BM / 16, NKV, true, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane,
+                                                Op::pack(sc, sc));
     }
     cur = nxt;
   }

@@ -318,10 +318,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
   L.query_tiles(s0, BRQ, qt_begin, nq);
   const int total = p.hpk * nq;
 
-  auto prefetch = [&](int it, int stage) {
-    const int gi = it / nq, qt = qt_begin + it % nq;
-    const int n = kh * p.hpk + gi;
-    const int tq0 = qt * BRQ;
+  const QuerySteps steps{qt_begin * BRQ, (qt_begin + nq) * BRQ, BRQ};
+  auto prefetch = [&](QueryStep st, int stage) {
+    const int n = st.n, tq0 = st.tq0;
     load_tile<BRQ, D, Tr::kThreads>(sQ + stage * Tr::kQS, qbase + int64_t(n) * D, qrow, tq0, p.T,
                                     tid);
     load_tile<BRQ, D, Tr::kThreads>(sO + stage * Tr::kQS, dobase + int64_t(n) * D, qrow, tq0, p.T,
@@ -333,7 +332,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
   if (total > 0) {
     load_tile<BCK, D, Tr::kThreads>(sK, static_cast<const T*>(p.k) + koff, krow, s0, p.S, tid);
     load_tile<BCK, D, Tr::kThreads>(sV, static_cast<const T*>(p.v) + koff, krow, s0, p.S, tid);
-    prefetch(0, 0);
+    prefetch(steps.first(kh * p.hpk), 0);
     cp_async_commit();
   }
 
@@ -347,21 +346,24 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
 #pragma unroll
   for (int r = 0; r < R; ++r) srow[r] = s0 + wk0 + 8 * r + g;
 
+  // Each step's scale is loaded a step ahead (a load right before its use stalls every step).
+  QueryStep cur = steps.first(kh * p.hpk);
+  float sc_next = p.scale[cur.n];
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
+    const QueryStep nxt = steps.next(cur);
     if (it + 1 < total) {
-      prefetch(it + 1, stage ^ 1);
+      prefetch(nxt, stage ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const int gi = it / nq, qt = qt_begin + it % nq;
-    const int n = kh * p.hpk + gi;
-    const int tq0 = qt * BRQ;
-    const float sc = p.scale[n];
+    const int n = cur.n, tq0 = cur.tq0;
+    const float sc = sc_next;
     const float c2 = sc * kLog2e;
+    if (it + 1 < total) sc_next = p.scale[nxt.n];
     const T* q_s = sQ + stage * Tr::kQS;
     const T* o_s = sO + stage * Tr::kQS;
     const float* l_s = sL + stage * BRQ;
@@ -466,6 +468,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) dkdv_kernel(cons
       }
     }
     __syncthreads();
+    cur = nxt;
   }
 
   T* dkb = static_cast<T*>(p.dk) + koff;

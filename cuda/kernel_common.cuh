@@ -312,6 +312,24 @@ struct RowLimits {
   }
 };
 
+// The steps of a dK/dV CTA: query head n over the kv head's group (outer), query tiles of
+// `rows` rows starting at tq0 in [tq_begin, tq_end) (inner); walked without a division per step.
+struct QueryStep {
+  int n, tq0;
+};
+struct QuerySteps {
+  int tq_begin, tq_end, rows;
+  __device__ __forceinline__ QueryStep first(int n0) const { return {n0, tq_begin}; }
+  __device__ __forceinline__ QueryStep next(QueryStep s) const {
+    s.tq0 += rows;
+    if (s.tq0 == tq_end) {
+      s.tq0 = tq_begin;
+      ++s.n;
+    }
+    return s;
+  }
+};
+
 __device__ __forceinline__ RowLimits make_limits(const Params& p, int b) {
   RowLimits L;
   L.T = p.T;
