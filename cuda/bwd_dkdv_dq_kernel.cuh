@@ -15,9 +15,8 @@
 
 namespace jca {
 
-template <int D_, bool kDoubleDO_, typename T_, int kV_ = 5>
+template <int D_, bool kDoubleDO_, typename T_>
 struct DkvDqTraits {
-  static constexpr int kV = kV_;  // EXPERIMENT
   using T = T_;
   static constexpr int D = D_, BN = 128, BM = 64, kThreads = 256;
   static constexpr bool kDoubleDO = kDoubleDO_;
@@ -105,15 +104,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   }
 
   // Each step's scale is loaded a step ahead: a load right before its use stalled every step
-  // (ncu: 7 % of the warp samples, long scoreboard).
+  // (7 % of ncu's warp samples; the A/B measured 0-0.5 %: other stalls took its place).
   float sc_next = p.scale[cur.n];
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
     const int n = cur.n, tq0 = cur.tq0;
     const QueryStep nxt = steps.next(cur);
-    const float sc = (Tr::kV & 1) ? sc_next : p.scale[n];
+    const float sc = sc_next;
     const float c2 = sc * kLog2e;
-    if ((Tr::kV & 1) && it + 1 < total) sc_next = p.scale[nxt.n];
+    if (it + 1 < total) sc_next = p.scale[nxt.n];
     cp_async_wait<0>();  // Q(it) and its row statistics, dO(it)
     __syncthreads();     // ... for every thread; step it-1 is done with Q stage (it+1)&1
     if (it + 1 < total) {
@@ -185,55 +184,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
         cp_async_commit();
       }
     }
-    auto dk_product = [&] {
     if (one_scale) {  // dK += dS^T Q (scaled at the end)
       mgemm_sA_sBt<2, BM / 16, NKV, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane);
     } else {  // dK += (scale dS)^T Q
       mgemm_sA_sBt<2, BM / 16, NKV, true, true>(dkacc, sdS + vk, PS, q_s + vd, ST, lane,
                                                 Op::pack(sc, sc));
     }
-    };
-    if constexpr (!(Tr::kV & 2)) dk_product();
 
-    // The four rows' dq_acc addresses first, each in its own registers: computed between the
-    // red.adds they reused the previous row's address registers, which stay locked until the
-    // LSU has read them (ncu: 8 % of the warp samples, long scoreboard).
-    float* dq_rows[4];
-    const float* dqb = p.dq_acc + int64_t(b) * p.T * qrow + int64_t(n) * D + qd + 2 * c;
-    if constexpr ((Tr::kV & 4) != 0) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int t = tq0 + wq + 8 * r + g;
-      dq_rows[r] = t < L.qlen ? const_cast<float*>(dqb) + int64_t(t) * qrow : nullptr;
-    }
-    }
     float qacc[2][NQ][4];  // dQ rows wq.., dims qd.. over this tile's keys
 #pragma unroll
     for (int m = 0; m < 2; ++m) zero_acc(qacc[m]);
     mgemm_sA_sBt<2, BN / 16, NQ, false>(qacc, sdS + wq * PS, PS, sK + qd, ST, lane);
-    if constexpr ((Tr::kV & 4) != 0) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      if (dq_rows[r] != nullptr) {  // rows past q_len have dS = 0
-#pragma unroll
-        for (int j = 0; j < NQ; ++j)
-          red_add2(dq_rows[r] + 8 * j, qacc[r >> 1][j][2 * (r & 1)],
-                   qacc[r >> 1][j][2 * (r & 1) + 1]);
-      }
-    }
-    } else {
+    float* dqb = p.dq_acc + int64_t(b) * p.T * qrow + int64_t(n) * D + qd + 2 * c;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int t = tq0 + wq + 8 * r + g;
       if (t < L.qlen) {  // rows past q_len have dS = 0
-        float* row = const_cast<float*>(dqb) + int64_t(t) * qrow;
+        float* row = dqb + int64_t(t) * qrow;
 #pragma unroll
         for (int j = 0; j < NQ; ++j)
           red_add2(row + 8 * j, qacc[r >> 1][j][2 * (r & 1)], qacc[r >> 1][j][2 * (r & 1) + 1]);
       }
     }
-    }
-    if constexpr ((Tr::kV & 2) != 0) dk_product();
     cur = nxt;
   }
 

@@ -156,15 +156,7 @@ cudaError_t launch_dkdv_dq(const Params& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   } else {
     using Double = DkvDqTraits<D, true, T>;
-    static const int exp_v = [] { const char* e = getenv("JCA_EXP"); return e ? atoi(e) : 5; }();  // EXPERIMENT
-    if (Double::kSmem <= size_t(p.smem_optin)) {
-      switch (exp_v) {
-        case 0: return launch_dkdv_dq_tile<DkvDqTraits<D, true, T, 0>>(p, stream);
-        case 1: return launch_dkdv_dq_tile<DkvDqTraits<D, true, T, 1>>(p, stream);
-        case 7: return launch_dkdv_dq_tile<DkvDqTraits<D, true, T, 7>>(p, stream);
-        default: return launch_dkdv_dq_tile<Double>(p, stream);
-      }
-    }
+    if (Double::kSmem <= size_t(p.smem_optin)) return launch_dkdv_dq_tile<Double>(p, stream);
     return launch_dkdv_dq_tile<DkvDqTraits<D, false, T>>(p, stream);
   }
 }
