@@ -24,9 +24,8 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, bool FuseDq_ = false, bool kExpRegs_ = true>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
-  static constexpr bool kExpRegs = kExpRegs_;  // EXPERIMENT
   static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
   using Element = typename CuteType<T>::type;
@@ -294,7 +293,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // run: read after the waits, the first exponentials stalled on them every step (ncu: 14 % of
     // the warp samples). The 128-query steps at D = 64 would spill 500+ bytes.
     constexpr int kAcc = decltype(size(tSrS))::value;
-    constexpr bool kStatsInRegs = kAcc <= 32 && Tr::kExpRegs;
+    constexpr bool kStatsInRegs = kAcc <= 32;
     float lse_r[kStatsInRegs ? kAcc : 1], delta_r[kStatsInRegs ? kAcc : 1];
     auto stage_stats = [&](float(&dst)[kStatsInRegs ? kAcc : 1], const float* row) {
       if constexpr (kStatsInRegs) {

@@ -84,8 +84,6 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
     if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
-    static const bool exp_old = [] { const char* e = getenv("JCA_EXP"); return e && atoi(e) == 0; }();  // EXPERIMENT
-    if (exp_old) return launch_dkdv<BwdDkvTraits<D, T, false, false>>(p, stream);
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
