@@ -70,10 +70,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) dkdv_dq_kernel(const Params p
   int qt_begin, nq;
   L.query_tiles(s0, BM, qt_begin, nq);
   const int total = p.hpk * nq;
-  // With one scale for the whole group, dK is scaled once at the end (as exact as scaling dS);
-  // otherwise each step's dS^T fragments are.
-  bool one_scale = true;
-  for (int i = 1; i < p.hpk; ++i) one_scale &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
+  const bool one_scale = group_shares_scale(p, kh);  // else each step's dS^T fragments are
 
   const QuerySteps steps{qt_begin * BM, (qt_begin + nq) * BM, BM};
   auto load_q = [&](QueryStep s, int stage) {

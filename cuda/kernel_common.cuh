@@ -330,6 +330,15 @@ struct QuerySteps {
   }
 };
 
+// Whether every query head of kv head kh's GQA group has the same scale: the dK/dV kernels then
+// scale dK once at the end instead of every dS^T element per step (as exact: the unscaled dS is
+// rounded to 16 bits either way).
+__device__ __forceinline__ bool group_shares_scale(const Params& p, int kh) {
+  bool one = true;
+  for (int i = 1; i < p.hpk; ++i) one &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
+  return one;
+}
+
 __device__ __forceinline__ RowLimits make_limits(const Params& p, int b) {
   RowLimits L;
   L.T = p.T;

@@ -268,10 +268,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor tKVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
   Tensor tKVrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
 
-  // With one scale for the whole GQA group, dK is scaled once in the epilogue instead of every
-  // dS^T element per step (as exact: the unscaled dS is rounded to 16 bits either way).
-  bool one_scale = true;
-  for (int i = 1; i < p.hpk; ++i) one_scale &= p.scale[kh * p.hpk + i] == p.scale[kh * p.hpk];
+  const bool one_scale = group_shares_scale(p, kh);  // dK scaled once in the epilogue
 
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
