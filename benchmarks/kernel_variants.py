@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--pass", dest="which", choices=["fwd", "bwd"], default="bwd")
     ap.add_argument("--env", default="JCA_SM90_BWD_VARIANT")
+    ap.add_argument("--causal", action="store_true", help="time causal calls")
     ap.add_argument("--sm80", action="store_true",
                     help="time the portable kernels (checked against the sm_90a ones)")
     a = ap.parse_args()
@@ -87,7 +88,7 @@ def main():
                 q, k, v, do = inputs(rng, B, S, N, D)
                 o, lse = fwd(q, k, v, None, None, None, sc)
                 sets.append((q, k, v, do, o, lse, sc))
-            run = make(False, tested)
+            run = make(a.causal, tested)
             # the three input sets in one dispatch: per-call launch overhead amortised
             run3 = jax.jit(lambda sets: [run(*s) for s in sets])
             jax.block_until_ready(run3(sets))
@@ -97,8 +98,10 @@ def main():
                 jax.block_until_ready(run3(sets))
                 times.append((time.perf_counter() - t) / 3)
             ms = statistics.median(times) * 1e3
-            flops = (2.5 if a.which == "bwd" else 1.0) * 4 * B * N * S * S * D
-            print(json.dumps(dict(env=a.env, variant=int(variant), D=D, N=S, ms=round(ms, 4),
+            flops = ((2.5 if a.which == "bwd" else 1.0) * 4 * B * N * S * S * D
+                     / (2 if a.causal else 1))
+            print(json.dumps(dict(env=a.env, variant=int(variant), D=D, N=S, causal=a.causal,
+                                  ms=round(ms, 4),
                                   tflops=round(flops / ms / 1e9, 1), rel_err_vs_other=err,
                                   finite=finite)), flush=True)
 
