@@ -1,7 +1,7 @@
 """A/B of kernel variants selected by an environment variable the launcher reads once
 per process (`--env`): a temporary knob added to the launcher for the experiment (sessions 3-5
 of benchmarks/NOTES.md used JCA_SM90_BWD_VARIANT, JCA_SM90_EXP_EMU, JCA_SM80_VARIANT,
-JCA_SM80_DKDV_DQ and JCA_SM80_FWD_SPLIT, sessions 6-7 JCA_EXP; none is in the tree now).
+JCA_SM80_DKDV_DQ and JCA_SM80_FWD_SPLIT, sessions 6-8 JCA_EXP; none is in the tree now).
 
 For each head dim: the variant's outputs (`--pass fwd`: o and lse; `bwd`: dq, dk, dv) against
 the other architecture's kernels on the same inputs (`--sm80`: the variant is a portable kernel,
