@@ -171,50 +171,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
 
   // ------------------------------------------------------------------ producer warp
-  // Fused dQ: both warpgroups' dS halves are in smem; consumer warpgroup h's dQ staging is full
-  // (consumers arrive, the writer waits) / empty again (the writer arrives, consumers wait).
-  constexpr int kBarPdS = 1, kBarDqFull = 2, kBarDqEmpty = 4, kDqBarThreads = 128 + 32;
+  constexpr int kBarPdS = 1;  // fused dQ: both warpgroups' dS halves are in smem
 
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if constexpr (Tr::kFuseDq) {
-      // dQ writer warp: per step, each consumer warpgroup's half of the dQ tile leaves its smem
-      // staging by TMA reduce-add into dq_acc (one per consumer warp's 16 x D/2 block), so the
-      // consumers go on to the next step's products instead of waiting on the reduction.
-      if (threadIdx.x / 32 == 1) {
-        if (steps == 0) return;
-        const bool leader = threadIdx.x % 32 == 0;
-        Tensor mDq = args.tma_dq.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
-        auto tma = args.tma_dq.get_slice(_0{});
-        named_bar_arrive(kBarDqEmpty, kDqBarThreads);
-        named_bar_arrive(kBarDqEmpty + 1, kDqBarThreads);
-        for (int step = 0; step < steps; ++step) {
-          const int n = kh * p.hpk + step / mtiles;
-          const int t0 = (m_begin + step % mtiles) * BM;
-          CUTLASS_PRAGMA_UNROLL
-          for (int half = 0; half < 2; ++half) {
-            named_bar_sync(kBarDqFull + half, kDqBarThreads);
-            if (leader) {
-              CUTLASS_PRAGMA_UNROLL
-              for (int wi = 0; wi < 4; ++wi) {
-                Tensor sW = make_tensor(
-                    make_smem_ptr(ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats),
-                    typename Tr::SmemLayoutdQw{});
-                Tensor gW = local_tile(mDq(_, _, n, b), Shape<_16, Int<D / 2>>{},
-                                       make_coord(t0 / 16 + wi, half));
-                copy(args.tma_dq, tma.partition_S(sW), tma.partition_D(gW));
-              }
-              tma_store_arrive();
-              tma_store_wait<0>();  // the staging tile has been read
-            }
-            __syncwarp();
-            if (step + 1 < steps) named_bar_arrive(kBarDqEmpty + half, kDqBarThreads);
-          }
-        }
-        if (leader) bulk_wait_all();
-        return;
-      }
-    }
     if (threadIdx.x / 32 != 0 || steps == 0) return;
     const int lane = threadIdx.x % 32;
     const bool leader = lane == 0;
@@ -389,9 +349,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+    wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
     if constexpr (Tr::kFuseDq) {
-      // FA3's order: dQ = dS K is issued between dV and dK, so that its staging in smem runs
-      // while dK's product is still in flight.
       named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem
       Tensor sdS = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdS{});
       Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
@@ -399,14 +358,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       Tensor tQrKt = thr_dq.partition_fragment_B(sKt);
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
       wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
-      warpgroup_wait<1>();  // dV: P's registers are free
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-      warpgroup_wait<1>();  // dQ
-      warpgroup_fence_operand(tdQrdQ);
+      warpgroup_wait<0>();
+      EmptyBar::arrive(&ss.q_empty[st]);
       // Each warp owns 16 rows of its warpgroup's D-half of the tile (rows lane/4 + 8h, columns
-      // 8j + 2 (lane%4) + e of the accumulator), staged for the writer warp's TMA.
+      // 8j + 2 (lane%4) + e of the accumulator): staged in smem, one TMA reduce-add per warp.
       const int lane = ctid % 32, wi = (ctid % 128) / 32, half = ctid / 128;
-      named_bar_sync(kBarDqEmpty + half, kDqBarThreads);  // the writer has read the last tile
+      Tensor sW = make_tensor(
+          make_smem_ptr(ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats),
+          typename Tr::SmemLayoutdQw{});
+      if (lane == 0) tma_store_wait<0>();  // the warp's last reduce has read the staging tile
+      __syncwarp();
       {
         // &sW(row, col) by hand (CuTe's version keeps 16 addresses live and spills): 8 x 32-float
         // swizzle atoms, atom rows first; 16-byte chunk index XOR row % 8 (checked against the
@@ -421,13 +382,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
       cutlass::arch::fence_view_async_shared();  // st.shared -> the TMA (async proxy)
-      named_bar_arrive(kBarDqFull + half, kDqBarThreads);
+      __syncwarp();
+      if (lane == 0) {
+        Tensor mDq = args.tma_dq.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+        Tensor gW = local_tile(mDq(_, _, n, b), Shape<_16, Int<D / 2>>{},
+                               make_coord(t0 / 16 + wi, half));
+        auto tma = args.tma_dq.get_slice(_0{});
+        copy(args.tma_dq, tma.partition_S(sW), tma.partition_D(gW));
+        tma_store_arrive();
+      }
     } else {
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
+      warpgroup_wait<0>();
+      EmptyBar::arrive(&ss.q_empty[st]);
     }
-    warpgroup_wait<0>();
-    EmptyBar::arrive(&ss.q_empty[st]);
   }
+
+  if constexpr (Tr::kFuseDq) bulk_wait_all();  // staging tiles stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
   if (one_scale) {
