@@ -66,26 +66,26 @@ struct BwdDkvTraits {
   static constexpr uint32_t kQBytes = BM * D * sizeof(Element);
   static constexpr uint32_t kKVBytes = BN * D * sizeof(Element);
 
-  // FuseDq: each warpgroup reduces its own partial dQ_w = dS_w K_w (queries, D, its 64 keys) into
-  // dq_acc, so the warpgroups never wait for each other (cuDNN's bprop runs one warpgroup of 64
-  // keys per CTA, reducing the same bytes per product). dS is stored query-major (the S^T
-  // accumulators hold consecutive queries in register pairs), each warpgroup in its own 64 keys.
+  // FuseDq: dQ (queries, D, keys) = dS K, the two warpgroups splitting D; dS stored query-major
+  // (the S^T accumulators hold consecutive queries in register pairs), double-buffered by step
+  // parity so one warpgroup's next dS never overwrites what the other's dQ product still reads.
   using MmaDq = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D>, _64>,
-                           GMMA::Major::MN, GMMA::Major::MN>()));
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D / 2>, Int<BN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));
   using SmemLayoutdS =
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<BM>, Int<BN>>{}));
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<BM>, Int<BN>, _2>{}));
   using SmemLayoutdSt = decltype(composition(
-      SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BM>>{}, Step<_2, _1>{})));
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BM>, _2>{}, Step<_2, _1, _3>{})));
   using SmemLayoutKt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
-  // Each consumer warp owns 16 rows x D columns of its warpgroup's dQ tile (wgmma accumulator
-  // layout) and reduce-adds them into dq_acc by TMA, from a 128B-swizzled f32 staging tile.
+  // Each consumer warp owns 16 rows x D/2 columns of the dQ tile (wgmma accumulator layout) and
+  // reduce-adds them into dq_acc with one TMA, from a 128B-swizzled f32 staging tile.
   using SmemLayoutdQw =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<_16, Int<D>>{}));
-  static constexpr int kDqWarpFloats = 16 * D;
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, Shape<_16, Int<D / 2>>{}));
+  static constexpr int kDqWarpFloats = 16 * (D / 2);
   using TmaDq = decltype(make_tma_copy(SM90_TMA_REDUCE_ADD{}, GTensor<float, D>{},
-                                       SmemLayoutdQw{}, Shape<_16, Int<D>>{}, _1{}));
+                                       SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}));
   struct DqStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     alignas(1024) cute::array_aligned<float, 8 * kDqWarpFloats> dq;  // 8 consumer warps
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
 
   // ------------------------------------------------------------------ producer warp
-  constexpr int kBarPdS = 1;  // fused dQ: + w, warpgroup w's dS is in smem (named barriers 1, 2)
+  constexpr int kBarPdS = 1;  // fused dQ: both warpgroups' dS halves are in smem
 
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   typename Tr::MmaDq mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_kv = mma_kv.get_thread_slice(ctid);
-  [[maybe_unused]] auto thr_dq = mma_dq.get_thread_slice(ctid % 128);  // one warpgroup
+  [[maybe_unused]] auto thr_dq = mma_dq.get_thread_slice(ctid);
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
 
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
       // FuseDq: this thread's dS elements in smem, in the accumulator's order (queries in pairs)
       Tensor sdSt = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdSt{});
-      Tensor tSsdS = thr_sdp.partition_C(sdSt);
+      Tensor tSsdS = thr_sdp.partition_C(sdSt(_, _, step & 1));
       // P^T (kept in the S^T registers) while dP^T is still in flight: the exponentials overlap
       // the second product.
       warpgroup_wait<1>();
@@ -351,38 +351,42 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
     if constexpr (Tr::kFuseDq) {
-      const int w = wg - 1, lane = ctid % 32, wi = (ctid % 128) / 32;
-      named_bar_sync(kBarPdS + w, 128);  // this warpgroup's dS is in smem
+      named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem
       Tensor sdS = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdS{});
       Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
-      Tensor tQrdS = thr_dq.partition_fragment_A(local_tile(sdS, Shape<Int<BM>, _64>{}, make_coord(0, w)));
-      Tensor tQrKt = thr_dq.partition_fragment_B(local_tile(sKt, Shape<Int<D>, _64>{}, make_coord(0, w)));
+      Tensor tQrdS = thr_dq.partition_fragment_A(sdS);  // (MMA, M, K, 2)
+      Tensor tQrKt = thr_dq.partition_fragment_B(sKt);
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
-      warpgroup_wait<1>();  // dV: P's registers are free for the dQ accumulators
-      wg_gemm<true, false>(mma_dq, tQrdS, tQrKt, tdQrdQ);
+      wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
       warpgroup_wait<0>();
       EmptyBar::arrive(&ss.q_empty[st]);
-      // Each warp owns 16 rows of the warpgroup's dQ tile (rows lane/4 + 8h, columns
-      // 8j + 2 (lane%4) + e of the accumulator): staged in smem, reduce-added by TMA.
-      float* w_stage = ss.fused.dq.data() + (w * 4 + wi) * Tr::kDqWarpFloats;
-      Tensor sW = make_tensor(make_smem_ptr(w_stage), typename Tr::SmemLayoutdQw{});
+      // Each warp owns 16 rows of its warpgroup's D-half of the tile (rows lane/4 + 8h, columns
+      // 8j + 2 (lane%4) + e of the accumulator): staged in smem, one TMA reduce-add per warp.
+      const int lane = ctid % 32, wi = (ctid % 128) / 32, half = ctid / 128;
+      Tensor sW = make_tensor(
+          make_smem_ptr(ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats),
+          typename Tr::SmemLayoutdQw{});
       if (lane == 0) tma_store_wait<0>();  // the warp's last reduce has read the staging tile
       __syncwarp();
-      // &sW(row, col) by hand (CuTe's version keeps many addresses live and spills): 8 x 32-float
-      // swizzle atoms, atom rows first; 16-byte chunk index XOR row % 8 (checked against the
-      // addresses of CuTe's swizzled smem tensor on the host).
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tdQrdQ); i += 2) {
-        const int h = (i >> 1) & 1, j = i >> 2;
-        const int chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
-        float* dst = w_stage + h * 256 + (j / 4) * 512 + (lane / 4) * 32 + chunk * 4 + 2 * (lane % 2);
-        *reinterpret_cast<float2*>(dst) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
+      {
+        // &sW(row, col) by hand (CuTe's version keeps 16 addresses live and spills): 8 x 32-float
+        // swizzle atoms, atom rows first; 16-byte chunk index XOR row % 8 (checked against the
+        // addresses of CuTe's swizzled smem tensor on the host).
+        float* w = ss.fused.dq.data() + (half * 4 + wi) * Tr::kDqWarpFloats;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tdQrdQ); i += 2) {
+          const int h = (i >> 1) & 1, j = i >> 2;
+          const int chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
+          float* dst = w + h * 256 + (j / 4) * 512 + (lane / 4) * 32 + chunk * 4 + 2 * (lane % 2);
+          *reinterpret_cast<float2*>(dst) = make_float2(tdQrdQ(i), tdQrdQ(i + 1));
+        }
       }
       cutlass::arch::fence_view_async_shared();  // st.shared -> the TMA (async proxy)
       __syncwarp();
       if (lane == 0) {
         Tensor mDq = args.tma_dq.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
-        Tensor gW = local_tile(mDq(_, _, n, b), Shape<_16, Int<D>>{}, make_coord(t0 / 16 + wi, 0));
+        Tensor gW = local_tile(mDq(_, _, n, b), Shape<_16, Int<D / 2>>{},
+                               make_coord(t0 / 16 + wi, half));
         auto tma = args.tma_dq.get_slice(_0{});
         copy(args.tma_dq, tma.partition_S(sW), tma.partition_D(gW));
         tma_store_arrive();

@@ -56,7 +56,7 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                     Shape<Int<Tr::BN>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_REDUCE_ADD{},
                     gmem_rows_view<float, D>(p.dq_acc, p.T, p.N, p.B),
-                    typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D>>{}, _1{}),
+                    typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}),
       p};
   auto kernel = bwd_dkdv_kernel_sm90<Tr, false>;
   if constexpr (!Tr::kFuseDq) {
