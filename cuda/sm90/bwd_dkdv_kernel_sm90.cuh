@@ -24,7 +24,7 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, bool FuseDq_ = false, int Stages_ = 2>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
   static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
@@ -34,7 +34,7 @@ struct BwdDkvTraits {
   // Query rows per step: 128 at D = 64 (S^T, dP^T as m64n128 products, half the steps: -15 %
   // bwd time measured against 64; the accumulators do not fit at D = 128, nor with FuseDq).
   static constexpr int BM = (D <= 64 && !FuseDq_) ? 128 : 64;
-  static constexpr int STAGES = Stages_;
+  static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
   // 24*128 + 240*256 = what the launch's 168*384 frees and takes: setmaxnreg.inc of the consumers

@@ -5,8 +5,6 @@
 // programmatic dependent launch that starts filling SMs during the dQ kernel's last wave.
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
-
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -90,8 +88,6 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
   // varies from run to run).
-  if (const char* x = getenv("JCA_EXP"); x && x[0] == '1')  // TEMPORARY A/B: 3-stage Q/dO ring
-    return launch_dkdv<BwdDkvTraits<D, T, true, 3>>(p, stream);
   return launch_dkdv<BwdDkvTraits<D, T, true>>(p, stream);
 }
 
