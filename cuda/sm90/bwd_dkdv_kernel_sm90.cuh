@@ -24,7 +24,7 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, bool FuseDq_ = false, int BM_ = 0>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
   static constexpr bool kFuseDq = FuseDq_;
   using T = T_;
@@ -33,9 +33,7 @@ struct BwdDkvTraits {
   static constexpr int BN = 128;  // keys per CTA: two consumer warpgroups x 64
   // Query rows per step: 128 at D = 64 (S^T, dP^T as m64n128 products, half the steps: -15 %
   // bwd time measured against 64; the accumulators do not fit at D = 128, nor with FuseDq).
-  static constexpr int BM = BM_ ? BM_ : (D <= 64 && !FuseDq_) ? 128 : 64;
-  // TEMPORARY A/B (BM_ = 80): dS^T from the packed P^T, so the f32 S^T registers die at packing.
-  static constexpr bool kDsFromPackedP = BM % 64 != 0;
+  static constexpr int BM = (D <= 64 && !FuseDq_) ? 128 : 64;
   static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
@@ -56,14 +54,9 @@ struct BwdDkvTraits {
   using AtomK = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutKV = decltype(tile_to_shape(AtomK{}, Shape<Int<BN>, Int<D>>{}));
   using SmemLayoutQ = decltype(tile_to_shape(AtomK{}, Shape<Int<BM>, Int<D>, Int<STAGES>>{}));
-  using SmemLayoutQt = std::conditional_t<
-      BM % 64 == 0,
-      decltype(composition(
-          SmemLayoutQ{},
-          make_ordered_layout(Shape<Int<D>, Int<BM>, Int<STAGES>>{}, Step<_2, _1, _3>{}))),
-      // the same bytes (checked on the host) for BM not a multiple of 64
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                             Shape<Int<D>, Int<BM>, Int<STAGES>>{}, Step<_2, _1, _3>{}))>;
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{},
+      make_ordered_layout(Shape<Int<D>, Int<BM>, Int<STAGES>>{}, Step<_2, _1, _3>{})));
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor<Element, D>{},
                                       take<0, 2>(SmemLayoutQ{}), Shape<Int<BM>, Int<D>>{}, _1{}));
@@ -76,15 +69,14 @@ struct BwdDkvTraits {
   // FuseDq: dQ (queries, D, keys) = dS K, the two warpgroups splitting D; dS stored query-major
   // (the S^T accumulators hold consecutive queries in register pairs), double-buffered by step
   // parity so one warpgroup's next dS never overwrites what the other's dQ product still reads.
-  static constexpr int BMF = FuseDq_ ? BM : 64;  // placeholders of the plain kernel
   using MmaDq = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BMF>, Int<D / 2>, Int<BN>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BM>, Int<D / 2>, Int<BN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
       Layout<Shape<_1, _2, _1>>{}));
   using SmemLayoutdS =
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<BMF>, Int<BN>, _2>{}));
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<BM>, Int<BN>, _2>{}));
   using SmemLayoutdSt = decltype(composition(
-      SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BMF>, _2>{}, Step<_2, _1, _3>{})));
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<BN>, Int<BM>, _2>{}, Step<_2, _1, _3>{})));
   using SmemLayoutKt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<D>, Int<BN>>{}, Step<_2, _1>{})));
   // Each consumer warp owns 16 rows x D/2 columns of the dQ tile (wgmma accumulator layout) and
@@ -298,7 +290,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // run: read after the waits, the first exponentials stalled on them every step (ncu: 14 % of
     // the warp samples). The 128-query steps at D = 64 would spill 500+ bytes.
     constexpr int kAcc = decltype(size(tSrS))::value;
-    constexpr bool kStatsInRegs = kAcc <= 40;
+    constexpr bool kStatsInRegs = kAcc <= 32;
     float lse_r[kStatsInRegs ? kAcc : 1], delta_r[kStatsInRegs ? kAcc : 1];
     auto stage_stats = [&](float(&dst)[kStatsInRegs ? kAcc : 1], const float* row) {
       if constexpr (kStatsInRegs) {
@@ -340,16 +332,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); i += 2) {
           float dsv[2];
-          float pv[2] = {tSrS(i), tSrS(i + 1)};
-          if constexpr (Tr::kDsFromPackedP) {
-            const float2 pp = MmaOp<T>::unpack(dp_[i / 2]);
-            pv[0] = pp.x;
-            pv[1] = pp.y;
-          }
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < 2; ++e)
-            dsv[e] = pv[e] * (tSrdP(i + e) - (kStatsInRegs ? delta_r[i + e]
-                                                           : ss.delta[st][get<1>(tScS(i + e))]));
+            dsv[e] = tSrS(i + e) * (tSrdP(i + e) - (kStatsInRegs ? delta_r[i + e]
+                                                                 : ss.delta[st][get<1>(tScS(i + e))]));
           if constexpr (decltype(scaled)::value)
             dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
           else
