@@ -15,7 +15,7 @@
 
 namespace jca::sm90 {
 
-template <int D_, typename T_, int STAGES_ = 3>
+template <int D_, typename T_>
 struct BwdDqTraits {
   // At D = 64 the warpgroup's Q rows are loaded into registers once and S = Q K^T is an RS
   // product, so each step reads only the K tile from shared memory for it (measured -9 % bwd
@@ -25,7 +25,7 @@ struct BwdDqTraits {
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
   // 64-key tiles at D = 128 (registers: S, dP and dQ accumulators), 128 at D = 64.
-  static constexpr int BR = 128, BC = (D <= 64 ? 128 : 64), STAGES = STAGES_;
+  static constexpr int BR = 128, BC = (D <= 64 ? 128 : 64), STAGES = 3;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kProducerRegs = kQInRegs ? 24 : 40, kConsumerRegs = kQInRegs ? 240 : 232;

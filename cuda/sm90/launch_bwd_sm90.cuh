@@ -5,7 +5,6 @@
 // programmatic dependent launch that starts filling SMs during the dQ kernel's last wave.
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -84,15 +83,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   }
   if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
-    // TEMPORARY A/B: JCA_EXP=1 gives the dQ kernel a 4-stage K/V ring
-    static const bool four = [] {
-      const char* e = std::getenv("JCA_EXP");
-      return e != nullptr && std::atoi(e) == 1;
-    }();
-    if (cudaError_t e = four ? launch_dq<BwdDqTraits<D, T, 4>>(p, stream)
-                             : launch_dq<BwdDqTraits<D, T>>(p, stream);
-        e != cudaSuccess)
-      return e;
+    if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
     return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
