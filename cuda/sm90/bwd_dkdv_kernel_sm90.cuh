@@ -283,16 +283,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
     STensor tSrS = new_s();
     STensor tSrdP = new_s();
-    if constexpr (kDiag == 3) {  // no S^T / dP^T products: values the compiler cannot fold
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) {
-        tSrS(i) = ss.lse2[st][i] * 0.5f;
-        tSrdP(i) = ss.delta[st][i] * 0.25f;
-      }
-    } else {
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
-    }
+    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st), tSrS);
+    wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
     // Where the registers allow (64-query steps, D = 128), this thread's lse2 and delta values
     // (one per accumulator column; repeated columns share a load) are read while the products
     // run: read after the waits, the first exponentials stalled on them every step (ncu: 14 % of

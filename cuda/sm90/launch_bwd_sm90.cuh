@@ -70,7 +70,6 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
     }();
     if (!p.k_raw && diag == 1) kernel = bwd_dkdv_kernel_sm90<Tr, false, 1>;
     if (!p.k_raw && diag == 2) kernel = bwd_dkdv_kernel_sm90<Tr, false, 2>;
-    if (!p.k_raw && diag == 3) kernel = bwd_dkdv_kernel_sm90<Tr, false, 3>;
   }
   // The plain dK/dV kernel reads nothing the dQ kernel before it writes: its CTAs fill the SMs
   // that the dQ kernel's last wave leaves idle.
