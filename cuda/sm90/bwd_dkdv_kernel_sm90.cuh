@@ -123,7 +123,7 @@ struct BwdDkvArgs {
 
 // kNorm: the l2norm backward of k fused into the epilogue (Params::k_raw set; never with
 // FuseDq); a separate instantiation, so the plain kernel carries none of it.
-template <class Tr, bool kNorm, int kDiag = 0>
+template <class Tr, bool kNorm>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     bwd_dkdv_kernel_sm90(CUTE_GRID_CONSTANT const BwdDkvArgs<Tr> args) {
   static_assert(!(kNorm && Tr::kFuseDq));
@@ -316,9 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int q = get<1>(tScS(i + e));
-            float x = kDiag == 1 ? tSrS(i + e)
-                                 : ex2(fmaf(tSrS(i + e), c2,
-                                            -(kStatsInRegs ? lse_r[i + e] : ss.lse2[st][q])));
+            float x = ex2(fmaf(tSrS(i + e), c2, -(kStatsInRegs ? lse_r[i + e] : ss.lse2[st][q])));
             if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
             tSrS(i + e) = x;
           }
@@ -336,8 +334,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           float dsv[2];
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < 2; ++e)
-            dsv[e] = kDiag == 1 ? tSrdP(i + e)
-                                : tSrS(i + e) * (tSrdP(i + e) - (kStatsInRegs ? delta_r[i + e]
+            dsv[e] = tSrS(i + e) * (tSrdP(i + e) - (kStatsInRegs ? delta_r[i + e]
                                                                  : ss.delta[st][get<1>(tScS(i + e))]));
           if constexpr (decltype(scaled)::value)
             dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
@@ -351,16 +348,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       else make_ds(BoolC<true>{});
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
-    if constexpr (kDiag != 2) {
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
-    } else {  // keep P, dS live so the elementwise work is not removed
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tdVrdV) && i < size(rP); ++i) {
-        tdVrdV(i) += float(rP(i));
-        tdKrdK(i) += float(rdS(i));
-      }
-    }
+    wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+    wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
     if constexpr (Tr::kFuseDq) {
       named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem
       Tensor sdS = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdS{});

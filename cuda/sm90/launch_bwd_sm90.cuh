@@ -5,7 +5,6 @@
 // programmatic dependent launch that starts filling SMs during the dQ kernel's last wave.
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -62,14 +61,6 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   auto kernel = bwd_dkdv_kernel_sm90<Tr, false>;
   if constexpr (!Tr::kFuseDq) {
     if (p.k_raw) kernel = bwd_dkdv_kernel_sm90<Tr, true>;
-    // TEMPORARY diagnostic (wrong results): JCA_EXP=1 drops the elementwise math, 2 the dV/dK
-    // products, of the plain kernel
-    static const int diag = [] {
-      const char* e = std::getenv("JCA_EXP");
-      return e != nullptr ? std::atoi(e) : 0;
-    }();
-    if (!p.k_raw && diag == 1) kernel = bwd_dkdv_kernel_sm90<Tr, false, 1>;
-    if (!p.k_raw && diag == 2) kernel = bwd_dkdv_kernel_sm90<Tr, false, 2>;
   }
   // The plain dK/dV kernel reads nothing the dQ kernel before it writes: its CTAs fill the SMs
   // that the dQ kernel's last wave leaves idle.
