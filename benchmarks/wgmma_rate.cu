@@ -1,0 +1,129 @@
+// Throughput of the warpgroup products the sm_90a backward is made of, alone on the card (no
+// loads, no elementwise work): is an SS product with N = 64 (both operands read from shared
+// memory, 128 B/clk at the full MMA rate) slower per MAC than N = 128 or an RS product?
+//
+// One CTA per SM, W consumer warpgroups; each warpgroup repeats one product of M = 64 rows,
+// N columns and K = D = 128 (8 k-blocks, as S^T = K Q^T at D = 128) or the RS shape of
+// dV += P^T dO (N = 128, K = 64). `inflight` products are kept in flight per warpgroup
+// (1: issue, wait, issue ...; 2: two accumulators, wait until one is left).
+//   nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I$CUTLASS_INCLUDE -Icuda \
+//        benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate && /tmp/wgmma_rate
+// Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
+#include <cstdio>
+
+#include "sm90/common_sm90.cuh"
+
+namespace jca::sm90 {
+
+using E = cutlass::bfloat16_t;
+
+template <int N, int K, bool kRS>
+struct Shape_ {
+  using Tile = Shape<_128, Int<N>, Int<K>>;  // two warpgroups of 64 rows (W = 2)
+  using Mma = std::conditional_t<
+      kRS,
+      decltype(make_tiled_mma(GMMA::rs_op_selector<E, E, float, Tile, GMMA::Major::K,
+                                                   GMMA::Major::MN>(),
+                              Layout<Shape<_2, _1, _1>>{})),
+      decltype(make_tiled_mma(GMMA::ss_op_selector<E, E, float, Tile>(),
+                              Layout<Shape<_2, _1, _1>>{}))>;
+  using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<_128, Int<K>>{}));
+  // SS: B is (N, K) K-major; RS: B is (N, K) MN-major, as dO^T / Q^T in the dK/dV kernel.
+  using LayoutB = std::conditional_t<
+      kRS, decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{})),
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{}))>;
+  static constexpr size_t kSmem = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(E);
+};
+
+template <int N, int K, bool kRS, int kInflight>
+__global__ void __launch_bounds__(256, 1) rate_kernel(int iters, float* sink) {
+  using S = Shape_<N, K, kRS>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  E* a_ptr = reinterpret_cast<E*>(smem);
+  E* b_ptr = a_ptr + cosize_v<typename S::LayoutA>;
+  for (int i = threadIdx.x; i < int(S::kSmem / sizeof(E)); i += blockDim.x)
+    a_ptr[i] = E(float((i * 37) % 17) * 0.01f);
+  __syncthreads();
+  Tensor sA = make_tensor(make_smem_ptr(a_ptr), typename S::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(b_ptr), typename S::LayoutB{});
+  typename S::Mma mma;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  Tensor tA = thr.partition_fragment_A(sA);  // registers for RS, descriptors for SS
+  Tensor tB = thr.partition_fragment_B(sB);
+  if constexpr (kRS) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tA); ++i) tA(i) = E(float((threadIdx.x + i) % 7) * 0.01f);
+  }
+  Tensor acc0 = partition_fragment_C(mma, Shape<_128, Int<N>>{});
+  Tensor acc1 = partition_fragment_C(mma, Shape<_128, Int<N>>{});
+  clear(acc0);
+  clear(acc1);
+  for (int it = 0; it < iters; ++it) {
+    wg_gemm<false, kRS>(mma, tA, tB, acc0);
+    if constexpr (kInflight == 2) {
+      wg_gemm<false, kRS>(mma, tA, tB, acc1);
+      warpgroup_wait<1>();
+    } else {
+      warpgroup_wait<0>();
+    }
+  }
+  warpgroup_wait<0>();
+  float s = 0.f;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc0); ++i) s += acc0(i) + acc1(i);
+  if (s == 1234.5f) sink[threadIdx.x] = s;  // keeps the products alive
+}
+
+template <int N, int K, bool kRS, int kInflight>
+void run(const char* name, int sms, float* sink) {
+  using S = Shape_<N, K, kRS>;
+  auto kernel = rate_kernel<N, K, kRS, kInflight>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem));
+  const int iters = 4000;
+  cudaEvent_t t0, t1;
+  cudaEventCreate(&t0);
+  cudaEventCreate(&t1);
+  kernel<<<sms, 256, S::kSmem>>>(100, sink);  // warm-up
+  float best = 1e30f;
+  for (int rep = 0; rep < 5; ++rep) {
+    cudaEventRecord(t0);
+    kernel<<<sms, 256, S::kSmem>>>(iters, sink);
+    cudaEventRecord(t1);
+    cudaEventSynchronize(t1);
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, t0, t1);
+    best = ms < best ? ms : best;
+  }
+  const double macs = double(sms) * iters * kInflight * 128.0 * N * K;
+  std::printf(
+      "{\"product\": \"%s\", \"rs\": %s, \"N\": %d, \"K\": %d, \"inflight\": %d, "
+      "\"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
+      name, kRS ? "true" : "false", N, K, kInflight, best, 2.0 * macs / (best * 1e-3) / 1e12,
+      cudaGetErrorString(cudaGetLastError()));
+}
+
+}  // namespace jca::sm90
+
+int main() {
+  using namespace jca::sm90;
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  std::printf("{\"device\": \"%s\", \"sms\": %d}\n", prop.name, sms);
+  float* sink;
+  cudaMalloc(&sink, 1024 * sizeof(float));
+  // S^T = K Q^T at D = 128 as the dK/dV kernel runs it (N = 64 queries), and with N = 128
+  run<64, 128, false, 1>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
+  run<64, 128, false, 2>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
+  run<128, 128, false, 1>("SS m64n128 K128", sms, sink);
+  run<128, 128, false, 2>("SS m64n128 K128", sms, sink);
+  run<256, 128, false, 1>("SS m64n256 K128", sms, sink);
+  // the same products with A (K, V rows) held in registers
+  run<64, 128, true, 1>("RS m64n64 K128", sms, sink);
+  run<64, 128, true, 2>("RS m64n64 K128", sms, sink);
+  // dV += P^T dO, dK += dS^T Q at D = 128 (N = D, K = 64 queries)
+  run<128, 64, true, 1>("RS m64n128 K64 (dV, dK now)", sms, sink);
+  run<128, 64, true, 2>("RS m64n128 K64 (dV, dK now)", sms, sink);
+  return 0;
+}
