@@ -2,12 +2,12 @@
 // loads, no elementwise work): is an SS product with N = 64 (both operands read from shared
 // memory, 128 B/clk at the full MMA rate) slower per MAC than N = 128 or an RS product?
 //
-// One CTA per SM, W consumer warpgroups; each warpgroup repeats one product of M = 64 rows,
-// N columns and K = D = 128 (8 k-blocks, as S^T = K Q^T at D = 128) or the RS shape of
-// dV += P^T dO (N = 128, K = 64). `inflight` products are kept in flight per warpgroup
-// (1: issue, wait, issue ...; 2: two accumulators, wait until one is left).
-//   nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I$CUTLASS_INCLUDE -Icuda \
-//        benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate && /tmp/wgmma_rate
+// One CTA per SM with two warpgroups (as the backward's consumers); each repeats one product
+// of M = 64 rows, N columns and K = D = 128 (8 k-blocks, as S^T = K Q^T at D = 128) or the RS
+// shape of dV += P^T dO (N = 128, K = 64). `inflight` products are kept in flight per
+// warpgroup (1: issue, wait, issue ...; 2: two accumulators, wait until one is left).
+//   scripts/gpu_wgmma_rate.sh OUTDIR   (or: nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr \
+//        -I$CUTLASS_INCLUDE -Icuda benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate)
 // Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
 #include <cstdio>
 
