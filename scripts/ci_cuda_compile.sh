@@ -30,11 +30,13 @@ import _jca_cuda as m
 r = m.registrations()
 assert set(r) == {'jca_cosattn_fwd', 'jca_cosattn_bwd', 'jca_l2norm_fwd', 'jca_l2norm_bwd'}, r
 print('ci_cuda_compile: ok, FFI API', m.ffi_api_version, 'sm_90a kernels', m.sm90_built)"
-# The product-rate microbenchmark (benchmarks/wgmma_rate.cu) builds against the same headers.
+# The sm_90a microbenchmarks (benchmarks/*.cu) build against the same headers.
 CUT=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')")
 if [ -f "$CUT/cute/tensor.hpp" ]; then
-  nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \
-    -c "$REPO/benchmarks/wgmma_rate.cu" -o "$BUILD/wgmma_rate.o"
-  echo "ci_cuda_compile: benchmarks/wgmma_rate.cu compiles"
+  for prog in wgmma_rate bwd_schedule_lab; do
+    nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \
+      -c "$REPO/benchmarks/$prog.cu" -o "$BUILD/$prog.o"
+  done
+  echo "ci_cuda_compile: benchmarks/wgmma_rate.cu, bwd_schedule_lab.cu compile"
 fi
 echo "ci_cuda_compile: built $so in $(( $(date +%s) - t0 )) s"

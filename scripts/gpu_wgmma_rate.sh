@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# benchmarks/wgmma_rate.cu on the GPU machine: build it against the CUTLASS headers of the
-# nvidia-cutlass wheel (from .wheels/, carry that folder), run it twice while sampling the SM
-# clock. Usage: scripts/gpu_wgmma_rate.sh OUTDIR   (writes wgmma_rate*.jsonl, clocks.txt)
+# benchmarks/wgmma_rate.cu and benchmarks/bwd_schedule_lab.cu on the GPU machine: build them
+# against the CUTLASS headers of the nvidia-cutlass wheel (from .wheels/, carry that folder), run
+# each twice while sampling the SM clock. Usage: scripts/gpu_wgmma_rate.sh OUTDIR
+# (writes wgmma_rate*.jsonl, schedule_lab*.jsonl, clocks.txt)
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_wgmma_rate.sh OUTDIR}")
 mkdir -p "$OUT"
@@ -13,12 +14,16 @@ fi
 CUT=$($PY -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')")
 [ -f "$CUT/cute/tensor.hpp" ] || { echo "gpu_wgmma_rate: no CUTLASS headers (nvidia-cutlass)" >&2; exit 1; }
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-"$NVCC" -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \
-  "$REPO/benchmarks/wgmma_rate.cu" -o "$OUT/wgmma_rate" || exit 1
+for prog in wgmma_rate bwd_schedule_lab; do
+  "$NVCC" -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \
+    "$REPO/benchmarks/$prog.cu" -o "$OUT/$prog" || exit 1
+done
 nvidia-smi --query-gpu=clocks.sm --format=csv,noheader -lms 200 > "$OUT/clocks.txt" &
 smi=$!
-"$OUT/wgmma_rate" | tee "$OUT/wgmma_rate.jsonl"
-"$OUT/wgmma_rate" > "$OUT/wgmma_rate_repeat.jsonl"
+for round in 1 2; do
+  "$OUT/wgmma_rate" | tee -a "$OUT/wgmma_rate.jsonl"
+  "$OUT/bwd_schedule_lab" | tee -a "$OUT/schedule_lab.jsonl"
+done
 kill $smi 2>/dev/null
-rm -f "$OUT/wgmma_rate"
+rm -f "$OUT/wgmma_rate" "$OUT/bwd_schedule_lab"
 echo "SM clock samples (count, clock):"; sort "$OUT/clocks.txt" | uniq -c | sort -rn | head -5
