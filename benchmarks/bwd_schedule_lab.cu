@@ -9,6 +9,9 @@
 //   2  as 0 without the elementwise math (the bound the products alone allow)
 //   3  as 0, dV and dK issued separately: dV right after P^T is packed (#15 of NOTES, in the
 //      lab), dK after dS^T
+//   4  S^T of step j+1 issued right behind dV, dK of step j; dP^T of a step issued after the
+//      wait for its S^T, so the exponentials run under dP^T (one extra S^T per CTA: ≈ 1/(2
+//      steps) more work, not counted)
 // One CTA per SM; warpgroup 0 gives its registers away as the kernel's producer does (24 / 240).
 //   scripts/gpu_wgmma_rate.sh OUTDIR builds and runs it next to benchmarks/wgmma_rate.cu. ptxas
 // spills 28 B (four reloads per step) in schedule 0 here, where the kernel has none.
@@ -99,6 +102,45 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
   const Pingpong turn(wg, kSched == 1 && steps > 0);
   constexpr int kAcc = decltype(size(STensor{}))::value;
 
+  if constexpr (kSched == 4) {
+    // S^T of step j+1 queued right behind dV, dK of step j. ptxas (CUDA 13.0) keeps the wgmmas
+    // asynchronous only if an accumulator in flight across the loop's back edge is read after a
+    // full wait: with dP^T(j+1) issued first and a wait<1> it serialises every wgmma (C7514).
+    STensor tSrS = new_s();
+    STensor tSrdP = new_s();
+    wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, 0), tSrS);
+    for (int step = 0; step < steps; ++step) {
+      const int st = step & 1;
+      uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
+      uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+      warpgroup_wait<0>();  // S^T of this step, dV and dK of the previous one
+      warpgroup_fence_operand(tSrS);
+      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
+      // read here, not before the wait: P, dS of the previous step are live until then
+      float lse_r[kAcc], delta_r[kAcc];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kAcc; ++i) lse_r[i] = ss.lse2[st][get<1>(tScS(i))];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kAcc; i += 2) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 2; ++e) tSrS(i + e) = ex2(fmaf(tSrS(i + e), c2, -lse_r[i + e]));
+        dp_[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i), tSrS(i + 1));
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kAcc; ++i) delta_r[i] = ss.delta[st][get<1>(tScS(i))];
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrdP);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kAcc; i += 2)
+        dds[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i) * (tSrdP(i) - delta_r[i]),
+                                                tSrS(i + 1) * (tSrdP(i + 1) - delta_r[i + 1]));
+      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
+      wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
+      // (the last step's extra S^T reads a valid tile here; the kernel would peel it)
+      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st ^ 1), tSrS);
+    }
+    warpgroup_wait<0>();
+  } else
   for (int step = 0; step < steps; ++step) {
     const int st = step & 1;
     STensor tSrS = new_s();
@@ -185,5 +227,6 @@ int main() {
   run<1>("pingpong", sms, sink);
   run<2>("no elementwise math", sms, sink);
   run<3>("dV issued after P^T", sms, sink);
+  run<4>("next S^T behind dV, dK", sms, sink);
   return 0;
 }
