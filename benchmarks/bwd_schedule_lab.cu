@@ -18,6 +18,7 @@
 // Prints one JSON line per schedule: TFLOP/s of the four products over the whole card.
 #include <cstdio>
 
+#include "best_time.cuh"
 #include "sm90/common_sm90.cuh"
 
 namespace jca::sm90 {
@@ -194,20 +195,7 @@ void run(const char* name, int sms, float* sink) {
   const int smem = int(sizeof(Lab::Smem));
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const int steps = 2000;
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0);
-  cudaEventCreate(&t1);
-  kernel<<<sms, 384, smem>>>(50, sink);  // warm-up
-  float best = 1e30f;
-  for (int rep = 0; rep < 5; ++rep) {
-    cudaEventRecord(t0);
-    kernel<<<sms, 384, smem>>>(steps, sink);
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0.f;
-    cudaEventElapsedTime(&ms, t0, t1);
-    best = ms < best ? ms : best;
-  }
+  const float best = best_time_ms([&] { kernel<<<sms, 384, smem>>>(steps, sink); });
   // four products of 128 keys x 64 queries x 128 per CTA step
   const double macs = double(sms) * steps * 4.0 * Lab::BN * Lab::BM * Lab::D;
   std::printf("{\"schedule\": %d, \"name\": \"%s\", \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",

@@ -11,6 +11,7 @@
 // Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
 #include <cstdio>
 
+#include "best_time.cuh"
 #include "sm90/common_sm90.cuh"
 
 namespace jca::sm90 {
@@ -80,20 +81,7 @@ void run(const char* name, int sms, float* sink) {
   auto kernel = rate_kernel<N, K, kRS, kInflight>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem));
   const int iters = 4000;
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0);
-  cudaEventCreate(&t1);
-  kernel<<<sms, 256, S::kSmem>>>(100, sink);  // warm-up
-  float best = 1e30f;
-  for (int rep = 0; rep < 5; ++rep) {
-    cudaEventRecord(t0);
-    kernel<<<sms, 256, S::kSmem>>>(iters, sink);
-    cudaEventRecord(t1);
-    cudaEventSynchronize(t1);
-    float ms = 0.f;
-    cudaEventElapsedTime(&ms, t0, t1);
-    best = ms < best ? ms : best;
-  }
+  const float best = best_time_ms([&] { kernel<<<sms, 256, S::kSmem>>>(iters, sink); });
   const double macs = double(sms) * iters * kInflight * 128.0 * N * K;
   std::printf(
       "{\"product\": \"%s\", \"rs\": %s, \"N\": %d, \"K\": %d, \"inflight\": %d, "
