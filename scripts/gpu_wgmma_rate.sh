@@ -2,7 +2,7 @@
 # benchmarks/wgmma_rate.cu and benchmarks/bwd_schedule_lab.cu on the GPU machine: build them
 # against the CUTLASS headers of the nvidia-cutlass wheel (from .wheels/, carry that folder), run
 # each twice while sampling the SM clock. Usage: scripts/gpu_wgmma_rate.sh OUTDIR
-# (writes wgmma_rate*.jsonl, schedule_lab*.jsonl, clocks.txt)
+# (writes wgmma_rate.jsonl and schedule_lab.jsonl, both rounds each, and clocks.txt)
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_wgmma_rate.sh OUTDIR}")
 mkdir -p "$OUT"
