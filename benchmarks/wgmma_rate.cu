@@ -9,6 +9,9 @@
 //   scripts/gpu_wgmma_rate.sh OUTDIR   (or: nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr \
 //        -I$CUTLASS_INCLUDE -Icuda benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate)
 // Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
+// Without this CuTe's ss_op_selector builds an N = 80 product out of m64n16 atoms (#36 of
+// NOTES measured exactly that); with it, N = 80 is one m64n80 instruction.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cstdio>
 
 #include "best_time.cuh"
@@ -17,6 +20,17 @@
 namespace jca::sm90 {
 
 using E = cutlass::bfloat16_t;
+
+// B of the product: SS, (N, K) K-major; RS, (N, K) MN-major, as dO^T / Q^T in the dK/dV kernel.
+// (A specialisation, so that only the chosen layout is instantiated.)
+template <int N, int K, bool kRS>
+struct LayoutBOf {
+  using type = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{}));
+};
+template <int N, int K>
+struct LayoutBOf<N, K, true> {
+  using type = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{}));
+};
 
 template <int N, int K, bool kRS>
 struct Shape_ {
@@ -28,11 +42,11 @@ struct Shape_ {
                               Layout<Shape<_2, _1, _1>>{})),
       decltype(make_tiled_mma(GMMA::ss_op_selector<E, E, float, Tile>(),
                               Layout<Shape<_2, _1, _1>>{}))>;
-  using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<_128, Int<K>>{}));
-  // SS: B is (N, K) K-major; RS: B is (N, K) MN-major, as dO^T / Q^T in the dK/dV kernel.
-  using LayoutB = std::conditional_t<
-      kRS, decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{})),
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<N>, Int<K>>{}))>;
+  // (K = 80 only for RS, where A's layout just sizes the register fragment)
+  using AtomA = std::conditional_t<K % 64 == 0, GMMA::Layout_K_SW128_Atom<E>,
+                                   GMMA::Layout_K_SW32_Atom<E>>;
+  using LayoutA = decltype(tile_to_shape(AtomA{}, Shape<_128, Int<K>>{}));
+  using LayoutB = typename LayoutBOf<N, K, kRS>::type;
   static constexpr size_t kSmem = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(E);
 };
 
@@ -104,6 +118,9 @@ int main() {
   // S^T = K Q^T at D = 128 as the dK/dV kernel runs it (N = 64 queries), and with N = 128
   run<64, 128, false, 1>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
   run<64, 128, false, 2>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
+  // FA3's non-causal D = 128 tile (80 queries; #36 of NOTES lost 30 % with it) and 96
+  run<80, 128, false, 1>("SS m64n80 K128", sms, sink);
+  run<96, 128, false, 1>("SS m64n96 K128", sms, sink);
   run<128, 128, false, 1>("SS m64n128 K128", sms, sink);
   run<128, 128, false, 2>("SS m64n128 K128", sms, sink);
   run<256, 128, false, 1>("SS m64n256 K128", sms, sink);
@@ -113,5 +130,6 @@ int main() {
   // dV += P^T dO, dK += dS^T Q at D = 128 (N = D, K = 64 queries)
   run<128, 64, true, 1>("RS m64n128 K64 (dV, dK now)", sms, sink);
   run<128, 64, true, 2>("RS m64n128 K64 (dV, dK now)", sms, sink);
+  run<128, 80, true, 1>("RS m64n128 K80 (dV, dK at 80 queries)", sms, sink);
   return 0;
 }
