@@ -14,7 +14,9 @@
 //      steps) more work, not counted)
 // One CTA per SM; warpgroup 0 gives its registers away as the kernel's producer does (24 / 240).
 //   scripts/gpu_wgmma_rate.sh OUTDIR builds and runs it next to benchmarks/wgmma_rate.cu. ptxas
-// spills 28 B (four reloads per step) in schedule 0 here, where the kernel has none.
+// spills a few registers per step here (schedule 0: 28 B, 3: 88 B, 4: 40 B) where the kernels
+// (main, and branch wip/dkdv-lookahead for 4) have none: read small gaps between schedules
+// with that in mind.
 // Prints one JSON line per schedule: TFLOP/s of the four products over the whole card.
 #include <cstdio>
 
