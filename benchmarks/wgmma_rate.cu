@@ -9,6 +9,7 @@
 //   scripts/gpu_wgmma_rate.sh OUTDIR   (or: nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr \
 //        -I$CUTLASS_INCLUDE -Icuda benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate)
 // Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
+
 // Without this CuTe's ss_op_selector builds an N = 80 product out of m64n16 atoms (#36 of
 // NOTES measured exactly that); with it, N = 80 is one m64n80 instruction.
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
