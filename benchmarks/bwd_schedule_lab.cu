@@ -12,9 +12,10 @@
 //   4  S^T of step j+1 issued right behind dV, dK of step j; dP^T of a step issued after the
 //      wait for its S^T, so the exponentials run under dP^T (one extra S^T per CTA: ≈ 1/(2
 //      steps) more work, not counted)
+//   5  4 with the pingpong turns of 1 around its two issue points
 // One CTA per SM; warpgroup 0 gives its registers away as the kernel's producer does (24 / 240).
 //   scripts/gpu_wgmma_rate.sh OUTDIR builds and runs it next to benchmarks/wgmma_rate.cu. ptxas
-// spills a few registers per step here (schedule 0: 28 B, 3: 88 B, 4: 40 B) where the kernels
+// spills a few registers per step here (schedule 0: 28 B, 3: 88 B, 4: 40 B; 5: none) where the kernels
 // (main, and branch wip/dkdv-lookahead for 4) have none: read small gaps between schedules
 // with that in mind.
 // Prints one JSON line per schedule: TFLOP/s of the four products over the whole card.
@@ -102,10 +103,11 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
   clear(tdVrdV);
   clear(tdKrdK);
   const float c2 = 10.f * kLog2e;
-  const Pingpong turn(wg, kSched == 1 && steps > 0);
+  const Pingpong turn(wg, (kSched == 1 || kSched == 5) && steps > 0);
   constexpr int kAcc = decltype(size(STensor{}))::value;
 
-  if constexpr (kSched == 4) {
+  if constexpr (kSched == 4 || kSched == 5) {
+    constexpr bool kTurns = kSched == 5;
     // S^T of step j+1 queued right behind dV, dK of step j. ptxas (CUDA 13.0) keeps the wgmmas
     // asynchronous only if an accumulator in flight across the loop's back edge is read after a
     // full wait: with dP^T(j+1) issued first and a wait<1> it serialises every wgmma (C7514).
@@ -118,7 +120,9 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
       uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
       warpgroup_wait<0>();  // S^T of this step, dV and dK of the previous one
       warpgroup_fence_operand(tSrS);
+      if constexpr (kTurns) turn.wait();
       wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
+      if constexpr (kTurns) turn.pass();
       // read here, not before the wait: P, dS of the previous step are live until then
       float lse_r[kAcc], delta_r[kAcc];
       CUTLASS_PRAGMA_UNROLL
@@ -137,10 +141,12 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
       for (int i = 0; i < kAcc; i += 2)
         dds[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i) * (tSrdP(i) - delta_r[i]),
                                                 tSrS(i + 1) * (tSrdP(i + 1) - delta_r[i + 1]));
+      if constexpr (kTurns) turn.wait();
       wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
       wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
       // (the last step's extra S^T reads a valid tile here; the kernel would peel it)
       wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, st ^ 1), tSrS);
+      if constexpr (kTurns) turn.pass_unless_last(step + 1 == steps);
     }
     warpgroup_wait<0>();
   } else
@@ -218,5 +224,6 @@ int main() {
   run<2>("no elementwise math", sms, sink);
   run<3>("dV issued after P^T", sms, sink);
   run<4>("next S^T behind dV, dK", sms, sink);
+  run<5>("4 with pingpong turns", sms, sink);
   return 0;
 }
