@@ -14,10 +14,10 @@
 //      steps) more work, not counted)
 //   5  4 with the pingpong turns of 1 around its two issue points
 // One CTA per SM; warpgroup 0 gives its registers away as the kernel's producer does (24 / 240).
-//   scripts/gpu_wgmma_rate.sh OUTDIR builds and runs it next to benchmarks/wgmma_rate.cu. ptxas
-// spills a few registers per step here (schedule 0: 28 B, 3: 88 B, 4: 40 B; 5: none) where the kernels
-// (main, and branch wip/dkdv-lookahead for 4) have none: read small gaps between schedules
-// with that in mind.
+//   scripts/gpu_wgmma_rate.sh OUTDIR builds and runs it next to benchmarks/wgmma_rate.cu.
+// ptxas spills a few registers per step here (schedule 0: 28 B, 3: 88 B, 4: 40 B; 5: none)
+// where the kernels (main, and benchmarks/experiments/dkdv-lookahead.diff for 4) have none:
+// read small gaps between schedules with that in mind.
 // Prints one JSON line per schedule: TFLOP/s of the four products over the whole card.
 #include <cstdio>
 
