@@ -206,9 +206,9 @@ void run(const char* name, int sms, float* sink) {
   const float best = best_time_ms([&] { kernel<<<sms, 384, smem>>>(steps, sink); });
   // four products of 128 keys x 64 queries x 128 per CTA step
   const double macs = double(sms) * steps * 4.0 * Lab::BN * Lab::BM * Lab::D;
-  std::printf("{\"schedule\": %d, \"name\": \"%s\", \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
-              kSched, name, best, 2.0 * macs / (best * 1e-3) / 1e12,
-              cudaGetErrorString(cudaGetLastError()));
+  std::printf(
+      "{\"schedule\": %d, \"name\": \"%s\", \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
+      kSched, name, best, 2.0 * macs / (best * 1e-3) / 1e12, cudaGetErrorString(cudaGetLastError()));
 }
 
 }  // namespace jca::sm90
