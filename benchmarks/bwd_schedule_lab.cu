@@ -208,7 +208,8 @@ void run(const char* name, int sms, float* sink) {
   const double macs = double(sms) * steps * 4.0 * Lab::BN * Lab::BM * Lab::D;
   std::printf(
       "{\"schedule\": %d, \"name\": \"%s\", \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
-      kSched, name, best, 2.0 * macs / (best * 1e-3) / 1e12, cudaGetErrorString(cudaGetLastError()));
+      kSched, name, best, 2.0 * macs / (best * 1e-3) / 1e12,
+      cudaGetErrorString(cudaGetLastError()));
 }
 
 }  // namespace jca::sm90
