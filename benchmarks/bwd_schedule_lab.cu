@@ -105,6 +105,32 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
   const float c2 = 10.f * kLog2e;
   const Pingpong turn(wg, (kSched == 1 || kSched == 5) && steps > 0);
   constexpr int kAcc = decltype(size(STensor{}))::value;
+  // The step's elementwise work, as in the kernel (schedule 2 leaves out the math).
+  auto load_stats = [&](float(&dst)[kAcc], const float* row) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kAcc; ++i) dst[i] = row[get<1>(tScS(i))];
+  };
+  auto make_p = [&](STensor& tSrS, const float(&lse_r)[kAcc]) {  // P^T in place, packed to rP
+    uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kAcc; i += 2) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int e = 0; e < 2; ++e)
+        if constexpr (kSched != 2) tSrS(i + e) = ex2(fmaf(tSrS(i + e), c2, -lse_r[i + e]));
+      dp_[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i), tSrS(i + 1));
+    }
+  };
+  auto make_ds = [&](const STensor& tSrS, const STensor& tSrdP, const float(&delta_r)[kAcc]) {
+    uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kAcc; i += 2) {
+      float dsv[2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int e = 0; e < 2; ++e)
+        dsv[e] = kSched == 2 ? tSrdP(i + e) : tSrS(i + e) * (tSrdP(i + e) - delta_r[i + e]);
+      dds[i / 2] = MmaOp<__nv_bfloat16>::pack(dsv[0], dsv[1]);
+    }
+  };
 
   if constexpr (kSched == 4 || kSched == 5) {
     constexpr bool kTurns = kSched == 5;
@@ -116,8 +142,6 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
     wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, 0), tSrS);
     for (int step = 0; step < steps; ++step) {
       const int st = step & 1;
-      uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
-      uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
       warpgroup_wait<0>();  // S^T of this step, dV and dK of the previous one
       warpgroup_fence_operand(tSrS);
       if constexpr (kTurns) turn.wait();
@@ -125,22 +149,12 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
       if constexpr (kTurns) turn.pass();
       // read here, not before the wait: P, dS of the previous step are live until then
       float lse_r[kAcc], delta_r[kAcc];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; ++i) lse_r[i] = ss.lse2[st][get<1>(tScS(i))];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; i += 2) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 2; ++e) tSrS(i + e) = ex2(fmaf(tSrS(i + e), c2, -lse_r[i + e]));
-        dp_[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i), tSrS(i + 1));
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; ++i) delta_r[i] = ss.delta[st][get<1>(tScS(i))];
+      load_stats(lse_r, ss.lse2[st]);
+      make_p(tSrS, lse_r);
+      load_stats(delta_r, ss.delta[st]);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrdP);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; i += 2)
-        dds[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i) * (tSrdP(i) - delta_r[i]),
-                                                tSrS(i + 1) * (tSrdP(i + 1) - delta_r[i + 1]));
+      make_ds(tSrS, tSrdP, delta_r);
       if constexpr (kTurns) turn.wait();
       wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
       wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
@@ -159,32 +173,15 @@ __global__ void __launch_bounds__(384, 1) lab_kernel(int steps, float* sink) {
     wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, st), tSrdP);
     if constexpr (kSched == 1) turn.pass();
     float lse_r[kAcc], delta_r[kAcc];
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kAcc; ++i) lse_r[i] = ss.lse2[st][get<1>(tScS(i))];
-    uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
-    uint32_t* dds = reinterpret_cast<uint32_t*>(raw_pointer_cast(rdS.data()));
+    load_stats(lse_r, ss.lse2[st]);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kAcc; i += 2) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int e = 0; e < 2; ++e)
-        if constexpr (kSched != 2) tSrS(i + e) = ex2(fmaf(tSrS(i + e), c2, -lse_r[i + e]));
-      dp_[i / 2] = MmaOp<__nv_bfloat16>::pack(tSrS(i), tSrS(i + 1));
-    }
+    make_p(tSrS, lse_r);
     if constexpr (kSched == 3) wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kAcc; ++i) delta_r[i] = ss.delta[st][get<1>(tScS(i))];
+    load_stats(delta_r, ss.delta[st]);
     warpgroup_wait<kSched == 3 ? 1 : 0>();
     warpgroup_fence_operand(tSrdP);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kAcc; i += 2) {
-      float dsv[2];
-      CUTLASS_PRAGMA_UNROLL
-      for (int e = 0; e < 2; ++e)
-        dsv[e] = kSched == 2 ? tSrdP(i + e) : tSrS(i + e) * (tSrdP(i + e) - delta_r[i + e]);
-      dds[i / 2] = MmaOp<__nv_bfloat16>::pack(dsv[0], dsv[1]);
-    }
+    make_ds(tSrS, tSrdP, delta_r);
     if constexpr (kSched == 1) turn.wait();
     if constexpr (kSched != 3) wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
     wg_gemm<false, true>(mma_kv, tKVrdS, tKrQt(_, _, _, st), tdKrdK);
