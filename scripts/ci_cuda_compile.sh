@@ -31,7 +31,7 @@ r = m.registrations()
 assert set(r) == {'jca_cosattn_fwd', 'jca_cosattn_bwd', 'jca_l2norm_fwd', 'jca_l2norm_bwd'}, r
 print('ci_cuda_compile: ok, FFI API', m.ffi_api_version, 'sm_90a kernels', m.sm90_built)"
 # The sm_90a microbenchmarks (benchmarks/*.cu) build against the same headers.
-CUT=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')")
+CUT=$("$PY" "$REPO/scripts/cutlass_include_dir.py")
 if [ -f "$CUT/cute/tensor.hpp" ]; then
   for prog in wgmma_rate bwd_schedule_lab; do
     nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 if ls "$REPO"/.wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-deps --no-index "$REPO"/.wheels/*.whl 2>&1 | tail -2
 fi
-CUT=$($PY -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')")
+CUT=$($PY "$REPO/scripts/cutlass_include_dir.py")
 [ -f "$CUT/cute/tensor.hpp" ] || { echo "gpu_wgmma_rate: no CUTLASS headers (nvidia-cutlass)" >&2; exit 1; }
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 for prog in wgmma_rate bwd_schedule_lab; do
