@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A/B of the kernel experiments kept as diffs (benchmarks/experiments/*.diff) in ONE device call:
+# each diff is applied to its own copy of the tree and built into its own --target folder (the
+# builds run side by side), then benchmarks/kernel_variants.py runs JCA_EXP=0 (the default
+# kernel, same build) and JCA_EXP=1 (the experiment) of every build, in ABAB order.
+# Usage: scripts/gpu_experiments.sh OUTDIR "name1 name2 ..." [kernel_variants.py args]
+# (names are diff files without .diff; writes OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
+# Env: JCA_DURING_BUILDS="command" runs alongside the builds (the GPU is idle then; its output
+# goes to OUTDIR/during_builds.log), e.g. scripts/gpu_wgmma_rate.sh.
+set -uo pipefail
+OUT=$(realpath -m "${1:?usage: scripts/gpu_experiments.sh OUTDIR NAMES [args]}")
+NAMES=${2:?experiment names}
+shift 2
+mkdir -p "$OUT"
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+WORK=/tmp/jca_exp
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if ls "$REPO"/.wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index "$REPO"/.wheels/*.whl 2>&1 | tail -2
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
+rm -rf "$WORK" && mkdir -p "$WORK"
+jobs_per_build=$(( $(nproc) / $(echo $NAMES | wc -w) + 1 ))
+t0=$(date +%s)
+[ -n "${JCA_DURING_BUILDS:-}" ] && { bash -c "$JCA_DURING_BUILDS" > "$OUT/during_builds.log" 2>&1 & }
+for name in $NAMES; do
+  (
+    src=$WORK/$name/src
+    mkdir -p "$src" && cp -r "$REPO"/. "$src" && rm -rf "$src/build" "$src/.git"
+    cd "$src" && patch -p1 -s < "benchmarks/experiments/$name.diff" || exit 1
+    [ -f README.md ] || echo "# jax-cosine-attention" > README.md
+    JCA_CUDA=ON JCA_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=$jobs_per_build \
+      $PY -m pip install --no-build-isolation --no-deps --no-index -v --target "$WORK/$name/site" .
+  ) > "$OUT/$name.build.log" 2>&1 &
+done
+wait
+echo "builds done in $(( $(date +%s) - t0 )) s"
+for name in $NAMES; do
+  grep -E "spill" "$OUT/$name.build.log" | grep -v "0 bytes spill" | sort | uniq -c | head -5
+  [ -f "$WORK/$name/site/jax_cosine_attention/__init__.py" ] || { echo "$name: build failed"; tail -30 "$OUT/$name.build.log"; }
+done
+cd /tmp
+for round in 1 2; do
+  for name in $NAMES; do
+    [ -d "$WORK/$name/site" ] || continue
+    for v in 0 1; do
+      PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 150 $PY -P "$REPO/benchmarks/kernel_variants.py" \
+          --env JCA_EXP "$@" 2>>"$OUT/variants.err" | sed "s/^{/{\"experiment\": \"$name\", /" \
+          | tee -a "$OUT/variants.jsonl"
+    done
+  done
+done
