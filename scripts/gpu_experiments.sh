@@ -4,7 +4,10 @@
 # builds run side by side), then benchmarks/kernel_variants.py runs JCA_EXP=0 (the default
 # kernel, same build) and JCA_EXP=1 (the experiment) of every build, in ABAB order.
 # Usage: scripts/gpu_experiments.sh OUTDIR "name1 name2 ..." [kernel_variants.py args]
-# (names are diff files without .diff; writes OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
+# (names are diff files without .diff, or "tree" for the tree as it is; writes
+# OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
+# Env: JCA_EXP_VARIANTS="0 1" (default) the JCA_EXP values run per build; "0" where a diff is a
+# plain before/after change with no knob.
 # Env: JCA_DURING_BUILDS="command" runs alongside the builds (the GPU is idle then; its output
 # goes to OUTDIR/during_builds.log), e.g. scripts/gpu_wgmma_rate.sh.
 set -uo pipefail
@@ -28,7 +31,8 @@ for name in $NAMES; do
   (
     src=$WORK/$name/src
     mkdir -p "$src" && cp -r "$REPO"/. "$src" && rm -rf "$src/build" "$src/.git"
-    cd "$src" && patch -p1 -s < "benchmarks/experiments/$name.diff" || exit 1
+    cd "$src" || exit 1
+    [ "$name" = tree ] || patch -p1 -s < "benchmarks/experiments/$name.diff" || exit 1
     [ -f README.md ] || echo "# jax-cosine-attention" > README.md
     JCA_CUDA=ON JCA_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=$jobs_per_build \
       $PY -m pip install --no-build-isolation --no-deps --no-index -v --target "$WORK/$name/site" .
@@ -44,7 +48,7 @@ cd /tmp
 for round in 1 2; do
   for name in $NAMES; do
     [ -d "$WORK/$name/site" ] || continue
-    for v in 0 1; do
+    for v in ${JCA_EXP_VARIANTS:-0 1}; do
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 150 $PY -P "$REPO/benchmarks/kernel_variants.py" \
           --env JCA_EXP "$@" 2>>"$OUT/variants.err" | sed "s/^{/{\"experiment\": \"$name\", /" \
           | tee -a "$OUT/variants.jsonl"
