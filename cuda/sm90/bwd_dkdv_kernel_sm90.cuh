@@ -146,9 +146,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int m_end = any_key ? (L.qlen + BM - 1) / BM : 0;
   const int mtiles = max(0, m_end - m_begin);
   const int steps = p.hpk * mtiles;
-  // (head, query tile) of each step, walked without the per-step integer division that sat on
-  // the consumers' chain before each step's first product (ncu: 6-9 % of the warp samples).
+  // (head, query tile) of each step. With 128-query steps (D = 64) walked without the per-step
+  // integer division that sat on the consumers' chain before each step's first product (ncu: 6 %
+  // of the warp samples; measured -4 % dK/dV time). With 64-query steps (D = 128) the same walk
+  // measured +5 %, so there the division stays (benchmarks/NOTES.md, session 11, #40).
   const QuerySteps walk{m_begin * BM, m_end * BM, BM};
+  constexpr bool kWalk = BM == 128;
+  auto divided = [&](int step) {
+    return QueryStep{kh * p.hpk + step / mtiles, (m_begin + step % mtiles) * BM};
+  };
   const int wg = threadIdx.x / 128;
   const int64_t rows_total = int64_t(p.B) * p.N * p.T;
   const float* delta_g = static_cast<const float*>(p.workspace);
@@ -209,6 +215,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     Tensor tdOs = tdo.partition_D(sdO);
     QueryStep at = walk.first(kh * p.hpk);
     for (int step = 0; step < steps; ++step, at = walk.next(at)) {
+      if constexpr (!kWalk) at = divided(step);
       const int st = step % STAGES;
       const int n = at.n, m = at.tq0 / BM;
       if (step >= STAGES) EmptyBar::wait(&ss.q_empty[st], ((step / STAGES) - 1) & 1);
@@ -276,6 +283,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
   QueryStep at = walk.first(kh * p.hpk);
   for (int step = 0; step < steps; ++step, at = walk.next(at)) {
+    if constexpr (!kWalk) at = divided(step);
     const int st = step % STAGES;
     const int n = at.n, t0 = at.tq0;
     const float sc = p.scale[n];
