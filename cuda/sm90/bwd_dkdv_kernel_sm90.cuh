@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // (head, query tile) of each step. With 128-query steps (D = 64) walked without the per-step
   // integer division that sat on the consumers' chain before each step's first product (ncu: 6 %
   // of the warp samples; measured -4 % dK/dV time). With 64-query steps (D = 128) the same walk
-  // measured +5 %, so there the division stays (benchmarks/NOTES.md, session 11, #40).
+  // measured +5 %, so there the division stays (benchmarks/NOTES.md, session 11, #41).
   const QuerySteps walk{m_begin * BM, m_end * BM, BM};
   constexpr bool kWalk = BM == 128;
   auto divided = [&](int step) {
