@@ -6,6 +6,9 @@
 // of M = 64 rows, N columns and K = D = 128 (8 k-blocks, as S^T = K Q^T at D = 128) or the RS
 // shape of dV += P^T dO (N = 128, K = 64). `inflight` products are kept in flight per
 // warpgroup (1: issue, wait, issue ...; 2: two accumulators, wait until one is left).
+// `wgs` = 1 lets only the first warpgroup issue: can one warpgroup alone keep the tensor pipe
+// busy with these shapes? (A pingpong of the two, as the forward runs, assumes it can; the
+// dK/dV kernel's pingpong lost, #40 of NOTES.)
 //   scripts/gpu_wgmma_rate.sh OUTDIR   (or: nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr \
 //        -I$CUTLASS_INCLUDE -Icuda benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate)
 // Prints one JSON line per configuration: TFLOP/s (2 flops per MAC) of the whole card.
@@ -51,7 +54,7 @@ struct Shape_ {
   static constexpr size_t kSmem = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(E);
 };
 
-template <int N, int K, bool kRS, int kInflight>
+template <int N, int K, bool kRS, int kInflight, int kWGs>
 __global__ void __launch_bounds__(256, 1) rate_kernel(int iters, float* sink) {
   using S = Shape_<N, K, kRS>;
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -60,6 +63,7 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int iters, float* sink) {
   for (int i = threadIdx.x; i < int(S::kSmem / sizeof(E)); i += blockDim.x)
     a_ptr[i] = E(float((i * 37) % 17) * 0.01f);
   __syncthreads();
+  if (threadIdx.x >= 128 * kWGs) return;
   Tensor sA = make_tensor(make_smem_ptr(a_ptr), typename S::LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(b_ptr), typename S::LayoutB{});
   typename S::Mma mma;
@@ -90,18 +94,19 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int iters, float* sink) {
   if (s == 1234.5f) sink[threadIdx.x] = s;  // keeps the products alive
 }
 
-template <int N, int K, bool kRS, int kInflight>
+template <int N, int K, bool kRS, int kInflight, int kWGs = 2>
 void run(const char* name, int sms, float* sink) {
   using S = Shape_<N, K, kRS>;
-  auto kernel = rate_kernel<N, K, kRS, kInflight>;
+  auto kernel = rate_kernel<N, K, kRS, kInflight, kWGs>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem));
   const int iters = 4000;
   const float best = best_time_ms([&] { kernel<<<sms, 256, S::kSmem>>>(iters, sink); });
-  const double macs = double(sms) * iters * kInflight * 128.0 * N * K;
+  const double macs = double(sms) * iters * kInflight * 64.0 * kWGs * N * K;
   std::printf(
       "{\"product\": \"%s\", \"rs\": %s, \"N\": %d, \"K\": %d, \"inflight\": %d, "
-      "\"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
-      name, kRS ? "true" : "false", N, K, kInflight, best, 2.0 * macs / (best * 1e-3) / 1e12,
+      "\"wgs\": %d, \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
+      name, kRS ? "true" : "false", N, K, kInflight, kWGs, best,
+      2.0 * macs / (best * 1e-3) / 1e12,
       cudaGetErrorString(cudaGetLastError()));
 }
 
@@ -132,5 +137,11 @@ int main() {
   run<128, 64, true, 1>("RS m64n128 K64 (dV, dK now)", sms, sink);
   run<128, 64, true, 2>("RS m64n128 K64 (dV, dK now)", sms, sink);
   run<128, 80, true, 1>("RS m64n128 K80 (dV, dK at 80 queries)", sms, sink);
+  // one warpgroup issuing, the other idle (a pingpong's phases)
+  run<64, 128, false, 1, 1>("SS m64n64 K128, one warpgroup", sms, sink);
+  run<64, 128, false, 2, 1>("SS m64n64 K128, one warpgroup", sms, sink);
+  run<128, 128, false, 1, 1>("SS m64n128 K128, one warpgroup", sms, sink);
+  run<128, 64, true, 1, 1>("RS m64n128 K64, one warpgroup", sms, sink);
+  run<128, 64, true, 2, 1>("RS m64n128 K64, one warpgroup", sms, sink);
   return 0;
 }
