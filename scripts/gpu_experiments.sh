@@ -4,7 +4,8 @@
 # builds run side by side), then benchmarks/kernel_variants.py runs JCA_EXP=0 (the default
 # kernel, same build) and JCA_EXP=1 (the experiment) of every build, in ABAB order.
 # Usage: scripts/gpu_experiments.sh OUTDIR "name1 name2 ..." [kernel_variants.py args]
-# (names are diff files without .diff, or "tree" for the tree as it is; writes
+# (names are diff files without .diff, "a+b" for diff b applied on top of diff a, or "tree" for
+# the tree as it is; writes
 # OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
 # Env: JCA_EXP_VARIANTS="0 1" (default) the JCA_EXP values run per build; "0" where a diff is a
 # plain before/after change with no knob.
@@ -32,7 +33,9 @@ for name in $NAMES; do
     src=$WORK/$name/src
     mkdir -p "$src" && cp -r "$REPO"/. "$src" && rm -rf "$src/build" "$src/.git"
     cd "$src" || exit 1
-    [ "$name" = tree ] || patch -p1 -s < "benchmarks/experiments/$name.diff" || exit 1
+    if [ "$name" != tree ]; then  # "a+b": diff a, then diff b on top
+      for part in ${name//+/ }; do patch -p1 -s < "benchmarks/experiments/$part.diff" || exit 1; done
+    fi
     [ -f README.md ] || echo "# jax-cosine-attention" > README.md
     JCA_CUDA=ON JCA_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=$jobs_per_build \
       $PY -m pip install --no-build-isolation --no-deps --no-index -v --target "$WORK/$name/site" .
