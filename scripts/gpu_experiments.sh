@@ -9,8 +9,9 @@
 # OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
 # Env: JCA_EXP_VARIANTS="0 1" (default) the JCA_EXP values run per build; "0" where a diff is a
 # plain before/after change with no knob.
-# Env: JCA_EXP_TESTS="pytest args" (e.g. "-k sm90") runs tests/gpu with those args against every
-# build and each non-zero variant before the timing (logs OUTDIR/tests_<name>_<v>.log).
+# Env: JCA_EXP_TESTS_K="pytest -k expression" (e.g. "sm90_paths or fwd_bwd_dims"; set but empty:
+# all of tests/gpu) runs tests/gpu against every build's non-zero variants before the timing
+# (logs OUTDIR/tests_<name>_<v>.log).
 # Env: JCA_DURING_BUILDS="command" runs alongside the builds (the GPU is idle then; its output
 # goes to OUTDIR/during_builds.log), e.g. scripts/gpu_wgmma_rate.sh.
 set -uo pipefail
@@ -50,13 +51,13 @@ for name in $NAMES; do
   [ -f "$WORK/$name/site/jax_cosine_attention/__init__.py" ] || { echo "$name: build failed"; tail -30 "$OUT/$name.build.log"; }
 done
 cd /tmp
-if [ -n "${JCA_EXP_TESTS:-}" ]; then
+if [ -n "${JCA_EXP_TESTS_K+set}" ]; then
   for name in $NAMES; do
     [ -d "$WORK/$name/site" ] || continue
     for v in ${JCA_EXP_VARIANTS:-0 1}; do
       [ "$v" = 0 ] && [ "$name" != tree ] && continue
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 300 $PY -P -m pytest -q -x -p no:cacheprovider \
-          --rootdir /tmp "$REPO/tests/gpu" $JCA_EXP_TESTS > "$OUT/tests_${name}_$v.log" 2>&1
+          --rootdir /tmp "$REPO/tests/gpu" -k "$JCA_EXP_TESTS_K" > "$OUT/tests_${name}_$v.log" 2>&1
       echo "tests $name JCA_EXP=$v rc=$?: $(tail -1 "$OUT/tests_${name}_$v.log")"
     done
   done
