@@ -205,7 +205,7 @@ void run(const char* name, int sms, float* sink) {
   const double macs = double(sms) * steps * 4.0 * Lab::BN * Lab::BM * Lab::D;
   std::printf(
       "{\"schedule\": %d, \"name\": \"%s\", \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
-      kSched, name, best, 2.0 * macs / (best * 1e-3) / 1e12,
+      kSched, name, best, tflops(macs, best),
       cudaGetErrorString(cudaGetLastError()));
 }
 
@@ -213,15 +213,12 @@ void run(const char* name, int sms, float* sink) {
 
 int main() {
   using namespace jca::sm90;
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  float* sink;
-  cudaMalloc(&sink, 1024 * sizeof(float));
-  run<0>("as built", sms, sink);
-  run<1>("pingpong", sms, sink);
-  run<2>("no elementwise math", sms, sink);
-  run<3>("dV issued after P^T", sms, sink);
-  run<4>("next S^T behind dV, dK", sms, sink);
-  run<5>("4 with pingpong turns", sms, sink);
+  const Card card;
+  run<0>("as built", card.sms, card.sink);
+  run<1>("pingpong", card.sms, card.sink);
+  run<2>("no elementwise math", card.sms, card.sink);
+  run<3>("dV issued after P^T", card.sms, card.sink);
+  run<4>("next S^T behind dV, dK", card.sms, card.sink);
+  run<5>("4 with pingpong turns", card.sms, card.sink);
   return 0;
 }

@@ -105,8 +105,7 @@ void run(const char* name, int sms, float* sink) {
   std::printf(
       "{\"product\": \"%s\", \"rs\": %s, \"N\": %d, \"K\": %d, \"inflight\": %d, "
       "\"wgs\": %d, \"ms\": %.3f, \"tflops\": %.1f, \"err\": \"%s\"}\n",
-      name, kRS ? "true" : "false", N, K, kInflight, kWGs, best,
-      2.0 * macs / (best * 1e-3) / 1e12,
+      name, kRS ? "true" : "false", N, K, kInflight, kWGs, best, tflops(macs, best),
       cudaGetErrorString(cudaGetLastError()));
 }
 
@@ -114,13 +113,12 @@ void run(const char* name, int sms, float* sink) {
 
 int main() {
   using namespace jca::sm90;
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const Card card;
+  const int sms = card.sms;
+  float* sink = card.sink;
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::printf("{\"device\": \"%s\", \"sms\": %d}\n", prop.name, sms);
-  float* sink;
-  cudaMalloc(&sink, 1024 * sizeof(float));
   // S^T = K Q^T at D = 128 as the dK/dV kernel runs it (N = 64 queries), and with N = 128
   run<64, 128, false, 1>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
   run<64, 128, false, 2>("SS m64n64 K128 (S^T, dP^T now)", sms, sink);
