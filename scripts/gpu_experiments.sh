@@ -8,7 +8,7 @@
 # the tree as it is; writes
 # OUTDIR/<name>.build.log and OUTDIR/variants.jsonl)
 # Env: JCA_EXP_VARIANTS="0 1" (default) the JCA_EXP values run per build; "0" where a diff is a
-# plain before/after change with no knob.
+# plain before/after change with no knob. A name may carry its own list: "diff@1,2,3".
 # Env: JCA_EXP_TESTS_K="pytest -k expression" (e.g. "sm90_paths or fwd_bwd_dims"; set but empty:
 # all of tests/gpu) runs tests/gpu against every build's non-zero variants before the timing
 # (logs OUTDIR/tests_<name>_<v>.log).
@@ -31,6 +31,9 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 jobs_per_build=$(( $(nproc) / $(echo $NAMES | wc -w) + 1 ))
 t0=$(date +%s)
 [ -n "${JCA_DURING_BUILDS:-}" ] && { bash -c "$JCA_DURING_BUILDS" > "$OUT/during_builds.log" 2>&1 & }
+variants_of() { case $1 in *@*) echo "${1#*@}" | tr , ' ';; *) echo "${JCA_EXP_VARIANTS:-0 1}";; esac; }
+SPECS=$NAMES
+NAMES=$(for spec in $SPECS; do echo "${spec%@*}"; done)
 for name in $NAMES; do
   (
     src=$WORK/$name/src
@@ -52,9 +55,10 @@ for name in $NAMES; do
 done
 cd /tmp
 if [ -n "${JCA_EXP_TESTS_K+set}" ]; then
-  for name in $NAMES; do
+  for spec in $SPECS; do
+    name=${spec%@*}
     [ -d "$WORK/$name/site" ] || continue
-    for v in ${JCA_EXP_VARIANTS:-0 1}; do
+    for v in $(variants_of "$spec"); do
       [ "$v" = 0 ] && [ "$name" != tree ] && continue
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 300 $PY -P -m pytest -q -x -p no:cacheprovider \
           --rootdir /tmp "$REPO/tests/gpu" -k "$JCA_EXP_TESTS_K" > "$OUT/tests_${name}_$v.log" 2>&1
@@ -63,9 +67,10 @@ if [ -n "${JCA_EXP_TESTS_K+set}" ]; then
   done
 fi
 for round in 1 2; do
-  for name in $NAMES; do
+  for spec in $SPECS; do
+    name=${spec%@*}
     [ -d "$WORK/$name/site" ] || continue
-    for v in ${JCA_EXP_VARIANTS:-0 1}; do
+    for v in $(variants_of "$spec"); do
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 150 $PY -P "$REPO/benchmarks/kernel_variants.py" \
           --env JCA_EXP "$@" 2>>"$OUT/variants.err" | sed "s/^{/{\"experiment\": \"$name\", /" \
           | tee -a "$OUT/variants.jsonl"
