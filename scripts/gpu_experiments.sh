@@ -12,6 +12,8 @@
 # Env: JCA_EXP_TESTS_K="pytest -k expression" (e.g. "sm90_paths or fwd_bwd_dims"; set but empty:
 # all of tests/gpu) runs tests/gpu against every build's non-zero variants before the timing
 # (logs OUTDIR/tests_<name>_<v>.log).
+# Env: JCA_EXP_REUSE=1 keeps the builds of an earlier call of this script in the same machine session
+# (a second timing pass with other arguments); JCA_EXP_ROUNDS (default 2) the ABAB rounds.
 # Env: JCA_DURING_BUILDS="command" runs alongside the builds (the GPU is idle then; its output
 # goes to OUTDIR/during_builds.log), e.g. scripts/gpu_wgmma_rate.sh.
 set -uo pipefail
@@ -27,7 +29,8 @@ if ls "$REPO"/.wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-deps --no-index "$REPO"/.wheels/*.whl 2>&1 | tail -2
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
-rm -rf "$WORK" && mkdir -p "$WORK"
+[ "${JCA_EXP_REUSE:-0}" = 1 ] || rm -rf "$WORK"
+mkdir -p "$WORK"
 jobs_per_build=$(( $(nproc) / $(echo $NAMES | wc -w) + 1 ))
 t0=$(date +%s)
 [ -n "${JCA_DURING_BUILDS:-}" ] && { bash -c "$JCA_DURING_BUILDS" > "$OUT/during_builds.log" 2>&1 & }
@@ -35,6 +38,7 @@ variants_of() { case $1 in *@*) echo "${1#*@}" | tr , ' ';; *) echo "${JCA_EXP_V
 SPECS=$NAMES
 NAMES=$(for spec in $SPECS; do echo "${spec%@*}"; done)
 for name in $NAMES; do
+  [ -f "$WORK/$name/site/jax_cosine_attention/__init__.py" ] && continue  # JCA_EXP_REUSE
   (
     src=$WORK/$name/src
     mkdir -p "$src" && cp -r "$REPO"/. "$src" && rm -rf "$src/build" "$src/.git"
@@ -66,7 +70,7 @@ if [ -n "${JCA_EXP_TESTS_K+set}" ]; then
     done
   done
 fi
-for round in 1 2; do
+for round in $(seq "${JCA_EXP_ROUNDS:-2}"); do
   for spec in $SPECS; do
     name=${spec%@*}
     [ -d "$WORK/$name/site" ] || continue
