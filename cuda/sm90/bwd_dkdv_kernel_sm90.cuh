@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto divided = [&](int step) {
     return QueryStep{kh * p.hpk + step / mtiles, (m_begin + step % mtiles) * BM};
   };
-  const int wg = threadIdx.x / 128;
+  const int wg = uniform_warpgroup();
   const int64_t rows_total = int64_t(p.B) * p.N * p.T;
   const float* delta_g = static_cast<const float*>(p.workspace);
   const float* lse2_g = delta_g + rows_total;
@@ -247,15 +247,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto thr_sdp = mma_sdp.get_thread_slice(ctid);
   auto thr_kv = mma_kv.get_thread_slice(ctid);
   [[maybe_unused]] auto thr_dq = mma_dq.get_thread_slice(ctid);
+  // descriptors of the shared-memory operands: from the warpgroup's slice (uniform registers)
+  auto wg_sdp = mma_sdp.get_slice((wg - 1) * 128);
+  auto wg_kv = mma_kv.get_slice((wg - 1) * 128);
+  [[maybe_unused]] auto wg_dq = mma_dq.get_slice((wg - 1) * 128);
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
 
-  Tensor tSrK = thr_sdp.partition_fragment_A(sK);
-  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
-  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
-  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
-  Tensor tVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
-  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);
+  Tensor tSrK = wg_sdp.partition_fragment_A(sK);
+  Tensor tSrV = wg_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = wg_sdp.partition_fragment_B(sQ);     // (MMA, N, K, STAGES)
+  Tensor tSrdO = wg_sdp.partition_fragment_B(sdO);
+  Tensor tVrdOt = wg_kv.partition_fragment_B(sdOt);  // (MMA, N, K, STAGES)
+  Tensor tKrQt = wg_kv.partition_fragment_B(sQt);
   Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
   Tensor tdKrdK = partition_fragment_C(mma_kv, Shape<Int<BN>, Int<D>>{});
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BN>, Int<BM>>{}));
@@ -365,8 +369,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       named_bar_sync(kBarPdS, Tr::kConsumerThreads);  // both warpgroups' dS halves are in smem
       Tensor sdS = make_tensor(make_smem_ptr(ss.fused.ds.data()), typename Tr::SmemLayoutdS{});
       Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
-      Tensor tQrdS = thr_dq.partition_fragment_A(sdS);  // (MMA, M, K, 2)
-      Tensor tQrKt = thr_dq.partition_fragment_B(sKt);
+      Tensor tQrdS = wg_dq.partition_fragment_A(sdS);  // (MMA, M, K, 2)
+      Tensor tQrKt = wg_dq.partition_fragment_B(sKt);
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
       wg_gemm<true, false>(mma_dq, tQrdS(_, _, _, step & 1), tQrKt, tdQrdQ);
       warpgroup_wait<0>();

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const RowLimits L = make_limits(p, b);
   const QueryTile tile = query_tile(p, L, BR, BC);
   const int qtile = tile.index, t0 = tile.t0, ntiles = tile.ntiles;
-  const int wg = threadIdx.x / 128;
+  const int wg = uniform_warpgroup();
 
   if (threadIdx.x == 0) {
     FullBar::init(&ss.q_full, 1);
@@ -219,11 +219,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto thr_dq = mma_dq.get_thread_slice(ctid);
   Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
   auto thr_s = mma_s.get_thread_slice(ctid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);     // registers with kQInRegs
-  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
-  Tensor tSrK = thr_s.partition_fragment_B(sK);     // (MMA, N, K, STAGES)
-  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
-  Tensor tQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, N, K, STAGES)
+  // descriptors of the shared-memory operands: from the warpgroup's slice (uniform registers)
+  auto wg_s = mma_s.get_slice((wg - 1) * 128);
+  auto wg_sdp = mma_sdp.get_slice((wg - 1) * 128);
+  auto wg_dq = mma_dq.get_slice((wg - 1) * 128);
+  Tensor tSrQ = [&] {  // registers with kQInRegs
+    if constexpr (Tr::kQInRegs) return thr_s.partition_fragment_A(sQ);
+    else return wg_s.partition_fragment_A(sQ);
+  }();
+  Tensor tSrdO = wg_sdp.partition_fragment_A(sdO);
+  Tensor tSrK = wg_s.partition_fragment_B(sK);     // (MMA, N, K, STAGES)
+  Tensor tSrV = wg_sdp.partition_fragment_B(sV);
+  Tensor tQrKt = wg_dq.partition_fragment_B(sKt);  // (MMA, N, K, STAGES)
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<BR>, Int<D>>{});
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BR>, Int<BC>>{}));
   Tensor tdQc = thr_dq.partition_C(make_identity_tensor(Shape<Int<BR>, Int<D>>{}));

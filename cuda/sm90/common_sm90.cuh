@@ -53,6 +53,13 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
+// This thread's warpgroup, as a value the compiler knows is warp-uniform (CUTLASS's collectives
+// do the same): shared-memory operand descriptors derived from the plain thread index live in
+// vector registers and cost an R2UR pair before every wgmma that reads them.
+__device__ __forceinline__ int uniform_warpgroup() {
+  return __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
+}
+
 // Query tile of a CTA over grid x (causal: longest tiles first) and the number of BC-key tiles
 // its rows may attend.
 struct QueryTile {

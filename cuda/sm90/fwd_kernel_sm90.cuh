@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const RowLimits L = make_limits(p, b);
   const QueryTile tile = query_tile(p, L, BR, BC);
   const int qtile = tile.index, t0 = tile.t0, ntiles = tile.ntiles;
-  const int wg = threadIdx.x / 128;
+  const int wg = uniform_warpgroup();
 
   if (threadIdx.x == 0) {
     FullBar::init(&ss.q_full, 1);
@@ -170,9 +170,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto thr_qk = mma_qk.get_thread_slice(ctid);
   auto thr_pv = mma_pv.get_thread_slice(ctid);
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
-  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, STAGES)
-  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, STAGES)
+  // descriptors of the shared-memory operands: from the warpgroup's slice (uniform registers)
+  auto wg_qk = mma_qk.get_slice((wg - 1) * 128);
+  auto wg_pv = mma_pv.get_slice((wg - 1) * 128);
+  Tensor tSrQ = wg_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrK = wg_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, STAGES)
+  Tensor tOrV = wg_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, STAGES)
   // S accumulators are declared per tile (fresh registers, as FA3): a loop-carried accumulator
   // read by the softmax makes ptxas serialise the wgmma pipeline.
   auto new_s = [&]() { return partition_fragment_C(mma_qk, Shape<Int<BR>, Int<BC>>{}); };
