@@ -66,12 +66,16 @@ struct QueryTile {
   int index, t0, ntiles;
 };
 __device__ __forceinline__ QueryTile query_tile(const Params& p, const RowLimits& L, int BR,
-                                                int BC) {
-  const int index = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+                                                int BC, int x, int nx) {
+  const int index = p.causal ? nx - 1 - x : x;
   const int t0 = index * BR;
   const int last = min(t0 + BR, L.qlen) - 1;
   const int kv_end = last >= t0 ? L(last) : 0;
   return {index, t0, (kv_end + BC - 1) / BC};
+}
+__device__ __forceinline__ QueryTile query_tile(const Params& p, const RowLimits& L, int BR,
+                                                int BC) {
+  return query_tile(p, L, BR, BC, int(blockIdx.x), int(gridDim.x));
 }
 
 // Pingpong of two consumer warpgroups (wg = 1, 2) issuing wgmmas in turns: named barrier

@@ -1,6 +1,8 @@
 // Host side of the sm_90a forward kernel: TMA descriptors over q/k/v, grid, shared memory.
 // Instantiated per (head dim, dtype) in cuda/sm90/inst/*.cu (built for sm_90a only).
 #pragma once
+#include <algorithm>
+#include <cstdint>
 #include "fwd_kernel_sm90.cuh"
 
 namespace jca::sm90 {
@@ -27,8 +29,21 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
   auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
   const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
-  return launch_big_smem(kernel, args, dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads,
-                         smem, stream);
+  const int tiles = (p.T + Tr::BR - 1) / Tr::BR;
+  // Without a causal mask every tile costs the same: a persistent grid, one CTA per SM (the next
+  // tile's loads overlap the last one's epilogue).
+  const int64_t work = int64_t(tiles) * p.N * p.B;  // the kernel counts work items in int
+  if (!bias_mask && !p.causal && work <= INT32_MAX) {
+    int dev = 0, sms = 0;
+    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        e != cudaSuccess)
+      return e;
+    return launch_big_smem(fwd_kernel_sm90<Tr, false, true>, args,
+                           dim3(unsigned(std::min<int64_t>(work, sms))), Tr::kThreads, smem,
+                           stream);
+  }
+  return launch_big_smem(kernel, args, dim3(tiles, p.N, p.B), Tr::kThreads, smem, stream);
 }
 
 }  // namespace jca::sm90
