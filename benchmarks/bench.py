@@ -16,7 +16,9 @@ Paths (all include the l2norm of q and k, scale 10):
               l2norm(q)*scale, l2norm(k) in float16 (it runs f16; no causal backward)
   xla_lib     this library, implementation="xla" (blockwise)
 FLOPs (FlashAttention convention): fwd = 4*B*H*T*S*D (halved when causal), bwd = 2.5 fwd,
-fwd+bwd = 3.5 fwd. Times are medians of 5 batches of back-to-back calls (device-synchronised).
+fwd+bwd = 3.5 fwd. Times are medians of 5 batches of back-to-back calls (device-synchronised);
+the paths of one size and mode are compiled first, then timed in --rounds interleaved rounds
+(rotating order), and the median of the rounds is reported (each round's time in the JSON).
 """
 import argparse
 import json
@@ -126,6 +128,11 @@ def bench(fn, args, budget_s=1.5):
     return statistics.median(times) * 1e3
 
 
+def error_text(e):
+    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return "OOM" if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else msg
+
+
 def flops(B, H, T, S, D, causal, mode):
     f = 4.0 * B * H * T * S * D * (0.5 if causal else 1.0)
     return f * {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}[mode]
@@ -146,6 +153,8 @@ def main(argv=None):
                     help="extra lengths run with B=1 (fused paths + cudnn only)")
     ap.add_argument("--paths", nargs="+", default=["cuda", "kernel", "cudnn", "xla_plain", "xla_lib"])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per (size, mode), paths interleaved in a rotating order")
     a = ap.parse_args(argv)
 
     dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float16
@@ -167,7 +176,10 @@ def main(argv=None):
     results = []
     rng = np.random.default_rng(0)
     cache = {}
-    for (B, N, D, path, mode) in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=5):
+    groups = {}  # (B, N, D, mode) -> paths: compiled together, then timed in interleaved rounds
+    for (B, N, D, path, mode) in jobs:
+        groups.setdefault((B, N, D, mode), []).append(path)
+    for (B, N, D, mode), paths in tqdm(groups.items(), desc="bench", file=sys.stdout, mininterval=5):
         key = (B, N, D)
         if key not in cache:
             cache.clear()
@@ -175,25 +187,40 @@ def main(argv=None):
             q, k, v, do = (jnp.asarray(rng.standard_normal(shp, np.float32), dtype) for _ in range(4))
             cache[key] = (q, k, v, do, l2n(q), l2n(k))
         q, k, v, do, qn, kn = cache[key]
-        args = (qn, kn, v, do) if path.startswith("kernel") else (q, k, v, do)
-        rec = dict(path=path, mode=mode, B=B, H=a.heads, T=N, S=N, D=D, causal=a.causal,
-                   dtype=a.dtype, card=card)
-        try:
-            fn = make_fn(path, mode, a.causal)
-            compiled = fn.lower(*args).compile()
+        ready = []
+        for path in paths:
+            args = (qn, kn, v, do) if path.startswith("kernel") else (q, k, v, do)
+            rec = dict(path=path, mode=mode, B=B, H=a.heads, T=N, S=N, D=D, causal=a.causal,
+                       dtype=a.dtype, card=card)
+            results.append(rec)
             try:
-                ma = compiled.memory_analysis()
-                rec["temp_bytes"] = int(ma.temp_size_in_bytes)
-                rec["out_bytes"] = int(ma.output_size_in_bytes)
-            except Exception:  # noqa: BLE001
-                pass
-            ms = bench(compiled, args)
-            rec["ms"] = ms
-            rec["tflops"] = flops(B, a.heads, N, N, D, a.causal, mode) / (ms * 1e-3) / 1e12
-        except Exception as e:  # noqa: BLE001  (OOM, unsupported, ...)
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            rec["error"] = "OOM" if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else msg
-        results.append(rec)
+                compiled = make_fn(path, mode, a.causal).lower(*args).compile()
+                try:
+                    ma = compiled.memory_analysis()
+                    rec["temp_bytes"] = int(ma.temp_size_in_bytes)
+                    rec["out_bytes"] = int(ma.output_size_in_bytes)
+                except Exception:  # noqa: BLE001
+                    pass
+                ready.append((rec, compiled, args))
+            except Exception as e:  # noqa: BLE001  (unsupported, ...)
+                rec["error"] = error_text(e)
+        # Rounds in a rotating path order, so that no path always runs first after the compiles
+        # (idle card) or last; the reported time is the median of the rounds' medians.
+        for r in range(a.rounds):
+            for rec, compiled, args in ready[r % max(1, len(ready)):] + ready[:r % max(1, len(ready))]:
+                if "error" in rec:
+                    continue
+                try:
+                    rec.setdefault("ms_rounds", []).append(bench(compiled, args))
+                except Exception as e:  # noqa: BLE001  (OOM, ...)
+                    rec["error"] = error_text(e)
+        for rec, _, _ in ready:
+            if "error" in rec:
+                rec.pop("ms_rounds", None)
+                continue
+            rec["ms"] = statistics.median(rec["ms_rounds"])
+            rec["tflops"] = flops(B, a.heads, N, N, D, a.causal, mode) / (rec["ms"] * 1e-3) / 1e12
+        del ready
 
     # bwd = (fwd+bwd) - fwd
     if "fwd" in modes and "fwd+bwd" in modes:
@@ -204,7 +231,7 @@ def main(argv=None):
             f = idx.get((r["path"], "fwd", r["B"], r["T"], r["D"]))
             if f and "ms" in f and r["ms"] > f["ms"]:
                 ms = r["ms"] - f["ms"]
-                results.append(dict(r, mode="bwd", ms=ms, temp_bytes=None,
+                results.append(dict(r, mode="bwd", ms=ms, temp_bytes=None, ms_rounds=None,
                                     tflops=flops(r["B"], r["H"], r["T"], r["S"], r["D"], a.causal, "bwd") / (ms * 1e-3) / 1e12))
 
     os.makedirs(a.out, exist_ok=True)
@@ -215,8 +242,8 @@ def main(argv=None):
 
     # table
     lines = [f"card: {card}, dtype {a.dtype}, causal {a.causal}, H={a.heads}",
-             "| D | B | N | mode | path | ms | TFLOP/s | cuda speed-up | temp MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| D | B | N | mode | path | ms | rounds spread | TFLOP/s | cuda speed-up | temp MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     idx = {(r["path"], r["mode"], r["B"], r["T"], r["D"]): r for r in results}
     for r in sorted(results, key=lambda r: (r["D"], r["B"], r["T"], ["fwd", "bwd", "fwd+bwd"].index(r["mode"]), r["path"])):
         ours = idx.get(("cuda", r["mode"], r["B"], r["T"], r["D"]))
@@ -226,7 +253,10 @@ def main(argv=None):
         ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:40]
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
         tm = f"{r['temp_bytes'] / 2**20:.0f}" if r.get("temp_bytes") is not None else ""
-        lines.append(f"| {r['D']} | {r['B']} | {r['T']} | {r['mode']} | {r['path']} | {ms} | {tf} | {sp} | {tm} |")
+        rounds = r.get("ms_rounds") or []
+        spread = (f"{100 * (max(rounds) - min(rounds)) / r['ms']:.1f} %" if len(rounds) > 1 else "")
+        lines.append(f"| {r['D']} | {r['B']} | {r['T']} | {r['mode']} | {r['path']} | {ms} | {spread} | {tf} "
+                     f"| {sp} | {tm} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(a.out, f"bench_{tag}.md"), "w") as fh:

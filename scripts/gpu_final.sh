@@ -4,7 +4,8 @@
 # Usage: scripts/gpu_final.sh OUTDIR tests|sm80|bench|bench-causal
 #   tests: build, tests/gpu on the default paths, compute-sanitizer;
 #   sm80: build, tests/gpu with JCA_SM90=0, the non-causal benchmark table;
-#   bench-causal: build, the causal benchmark table.
+#   bench-causal: build, the causal benchmark table;
+#   bench: build, both tables.
 set -uo pipefail
 OUT=$(realpath -m "$1"); WHAT=$2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +22,11 @@ case $WHAT in
   bench-causal)
     JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" \
         "${BENCH[@]}" --causal | tail -25 ;;
+  bench)
+    JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" \
+        "${BENCH[@]}" | tail -25
+    JCA_SKIP_BUILD=1 JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" \
+        "$OUT/$WHAT" "${BENCH[@]}" --causal | tail -25 ;;
   *) echo "unknown step $WHAT"; exit 2 ;;
 esac
 rc=${PIPESTATUS[0]}
