@@ -56,6 +56,19 @@ def _same(a, b):
     np.testing.assert_allclose(a, b, rtol=ulp, atol=0)
 
 
+def _same_grad(a, b):
+    """_same for dx = (dy - y<y,dy>) / n: where the difference cancels, an f32 rounding that XLA
+    places differently moves a small element by a few of its own ulps, so each element may also
+    be off by a few f32 roundings of its row's largest element (far below the dtype's ulp)."""
+    ulp = float(jnp.finfo(jnp.asarray(b).dtype).eps)
+    a, b = np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32))
+    row_max = np.max(np.abs(b), axis=-1, keepdims=True)
+    assert np.all(np.isfinite(a))
+    bound = ulp * np.abs(b) + 16 * float(np.finfo(np.float32).eps) * row_max
+    bad = np.abs(a - b) > bound
+    assert not bad.any(), f"{bad.sum()} elements off: {a[bad][:4]} vs {b[bad][:4]}"
+
+
 def _close(a, b):
     """Norm-wise: compositions (vmap of grad of a nonlinear loss, scan) amplify a one-ulp
     difference of y through the cancellation in dx = (dy - y<y,dy>) / n."""
@@ -77,7 +90,7 @@ def test_fallback_equals_l2norm(rng, cuda_traced, dtype, shape, groups):
     (y, dx), (y_ref, dx_ref) = fused(x, ct), ref(x, ct)
     assert y.dtype == dtype and dx.dtype == dtype
     _same(y, y_ref)
-    _same(dx, dx_ref)
+    _same_grad(dx, dx_ref)
     # eager, too (no outer jit)
     _same(_l2norm_op.l2norm(x, groups, eps), y_ref)
 
@@ -100,7 +113,7 @@ def test_vmap(rng, cuda_traced, groups):
         f = lambda fn: jax.vmap(lambda x: fn(x, groups), in_axes=in_axes, out_axes=in_axes)
         _same(jax.jit(f(_l2norm_op.l2norm))(x), f(normalize.l2norm)(x))
         g = lambda fn: jax.vjp(f(fn), x)[1](ct)[0]
-        _same(jax.jit(lambda: g(_l2norm_op.l2norm))(), g(normalize.l2norm))
+        _same_grad(jax.jit(lambda: g(_l2norm_op.l2norm))(), g(normalize.l2norm))
 
     def loss(fn):
         return lambda x: jnp.sum(fn(x, groups).astype(jnp.float32) ** 3)
@@ -111,7 +124,7 @@ def test_vmap(rng, cuda_traced, groups):
     _same(jax.jit(nested)(x), normalize.l2norm(x, groups))
     cts = jnp.asarray(rng.normal(size=(5,) + x.shape[1:]), jnp.bfloat16)
     per_ct = lambda fn: jax.vmap(jax.vjp(lambda x: fn(x, groups), x[0])[1])(cts)[0]
-    _same(jax.jit(lambda: per_ct(_l2norm_op.l2norm))(), per_ct(normalize.l2norm))
+    _same_grad(jax.jit(lambda: per_ct(_l2norm_op.l2norm))(), per_ct(normalize.l2norm))
 
 
 def test_checkpoint_and_scan(rng, cuda_traced):
