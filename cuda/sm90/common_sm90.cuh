@@ -60,21 +60,22 @@ __device__ __forceinline__ int uniform_warpgroup() {
   return __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
 }
 
-// Query tile `index` and the number of BC-key tiles its rows may attend.
+// Query tile of a CTA over grid x (causal: longest tiles first) and the number of BC-key tiles
+// its rows may attend.
 struct QueryTile {
   int index, t0, ntiles;
 };
-__device__ __forceinline__ QueryTile query_tile_at(const RowLimits& L, int BR, int BC, int index) {
+__device__ __forceinline__ QueryTile query_tile(const Params& p, const RowLimits& L, int BR,
+                                                int BC, int x, int nx) {
+  const int index = p.causal ? nx - 1 - x : x;
   const int t0 = index * BR;
   const int last = min(t0 + BR, L.qlen) - 1;
   const int kv_end = last >= t0 ? L(last) : 0;
   return {index, t0, (kv_end + BC - 1) / BC};
 }
-// The query tile of a CTA over grid x (causal: longest tiles first).
 __device__ __forceinline__ QueryTile query_tile(const Params& p, const RowLimits& L, int BR,
                                                 int BC) {
-  const int x = int(blockIdx.x);
-  return query_tile_at(L, BR, BC, p.causal ? int(gridDim.x) - 1 - x : x);
+  return query_tile(p, L, BR, BC, int(blockIdx.x), int(gridDim.x));
 }
 
 // Pingpong of two consumer warpgroups (wg = 1, 2) issuing wgmmas in turns: named barrier

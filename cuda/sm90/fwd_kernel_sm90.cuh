@@ -83,10 +83,13 @@ struct KernelArgs {
   Params p;
 };
 
-// kPersistent (plain kernel, no bias or dense mask): one CTA per SM walks its share of the tiles
-// (below); the K/V ring and the pingpong turns run on across tiles, and the next tile's Q (once
-// the consumers release it after their last QK^T) and first K/V stages load while the consumers
-// finish the previous tile's PV and epilogue.
+// kPersistent (plain kernel without a causal mask): one CTA per SM walks the tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... in the grid's order (query tiles fastest); the K/V ring and the
+// pingpong turns run on across tiles, and the next tile's Q (once the consumers release it after
+// their last QK^T) and first K/V stages load while the consumers finish the previous tile's PV and
+// epilogue. Causal grids stay one CTA per tile: their longest-first order is kept by the hardware's
+// dispatch, where a static stride lets the CTAs drift apart over heads (measured +8-16 % at
+// N = 16384, benchmarks/NOTES.md session 12).
 template <class Tr, bool kBiasMask, bool kPersistent = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
@@ -101,42 +104,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
   static_assert(!(kPersistent && kBiasMask));
-  // The CTA's work items: its grid cell, or (kPersistent) the query tiles of every gridDim.x-th
-  // unit of the problem. A unit is one query tile, or with a causal mask the pair of tiles j and
-  // ntq - 1 - j of a head (longest first): every pair costs the same ntq + 1 key tiles, so the
-  // CTAs stay in step and the heads in flight stay few (L2).
+  // The CTA's work items: its grid cell, or (kPersistent) every gridDim.x-th tile of the problem.
   const int ntq = (p.T + BR - 1) / BR;
-  const int per_head = p.causal ? (ntq + 1) / 2 : ntq;
-  const int pair_shift = p.causal ? 1 : 0;  // items per unit: 1 << pair_shift
-  const int units = per_head * p.N * p.B;
-  const int items = kPersistent ? ((units - int(blockIdx.x) + int(gridDim.x) - 1) /
-                                   int(gridDim.x)) << pair_shift
-                                : 1;
+  const int work_begin = kPersistent ? int(blockIdx.x) : 0;
+  const int work_end = kPersistent ? ntq * p.N * p.B : 1;
+  const int work_step = kPersistent ? int(gridDim.x) : 1;
   struct Work {
     int n, b;
     RowLimits L;
     QueryTile tile;
-    bool valid;  // false: the second half of a causal pair whose two tiles are one (odd ntq)
   };
-  auto work_at = [&](int item) {
-    if constexpr (!kPersistent) {
-      const int n = blockIdx.y, b = blockIdx.z;
-      const RowLimits L = make_limits(p, b);
-      return Work{n, b, L, query_tile(p, L, BR, BC), true};
-    } else {
-      const int u = int(blockIdx.x) + (item >> pair_shift) * int(gridDim.x);
-      const int j = u % per_head, n = (u / per_head) % p.N, b = u / (per_head * p.N);
-      const bool second = (item & pair_shift) != 0;
-      const int index = !p.causal ? j : second ? j : ntq - 1 - j;
-      const RowLimits L = make_limits(p, b);
-      return Work{n, b, L, query_tile_at(L, BR, BC, index), !(second && j == ntq - 1 - j)};
-    }
+  auto work_at = [&](int w) {
+    const int x = kPersistent ? w % ntq : int(blockIdx.x);
+    const int n = kPersistent ? (w / ntq) % p.N : int(blockIdx.y);
+    const int b = kPersistent ? w / (ntq * p.N) : int(blockIdx.z);
+    const RowLimits L = make_limits(p, b);
+    return Work{n, b, L, query_tile(p, L, BR, BC, x, kPersistent ? ntq : int(gridDim.x))};
   };
   int last_busy = -1;  // the last work item with key tiles (its last turn is not passed)
-  for (int w = 0; w < items; ++w) {
-    const Work wk = work_at(w);
-    if (wk.valid && wk.tile.ntiles > 0) last_busy = w;
-  }
+  for (int w = work_begin; w < work_end; w += work_step)
+    if (work_at(w).tile.ntiles > 0) last_busy = w;
   const int wg = uniform_warpgroup();
 
   if (threadIdx.x == 0) {
@@ -171,10 +158,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       Tensor tKs = tk.partition_D(sK);  // (TMA, TMA_M, TMA_K, STAGES)
       Tensor tVs = tv.partition_D(sV);
       int pos = 0, q_loads = 0;  // K/V ring position and Q tiles loaded, over the work items
-      for (int w = 0; w < items; ++w) {
+      for (int w = work_begin; w < work_end; w += work_step) {
         const Work wk = work_at(w);
         const int ntiles = wk.tile.ntiles, kh = wk.n / p.hpk;
-        if (!wk.valid || ntiles == 0) continue;
+        if (ntiles == 0) continue;
         Tensor gQ = local_tile(mQ(_, _, wk.n, wk.b), Shape<Int<BR>, Int<D>>{},
                                make_coord(wk.tile.index, _0{}));
         Tensor gK = local_tile(mK(_, _, kh, wk.b), Shape<Int<BC>, Int<D>>{}, make_coord(_, _0{}));
@@ -241,9 +228,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // across work items.
   const Pingpong turn(wg, last_busy >= 0);
   int pos = 0, q_loads = 0;  // as the producer's
-  for (int w = 0; w < items; ++w) {
+  for (int w = work_begin; w < work_end; w += work_step) {
     const Work wk = work_at(w);
-    if (!wk.valid) continue;
     const int n = wk.n, b = wk.b;
     const RowLimits& L = wk.L;
     const int t0 = wk.tile.t0, ntiles = wk.tile.ntiles;

@@ -30,17 +30,17 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   auto kernel = bias_mask ? fwd_kernel_sm90<Tr, true> : fwd_kernel_sm90<Tr, false>;
   const size_t smem = Tr::kSmem + (bias_mask ? Tr::kMaskSmem : 0);
   const int tiles = (p.T + Tr::BR - 1) / Tr::BR;
-  // Persistent: one CTA per SM over the work units (a query tile, or with a causal mask a pair of
-  // tiles of equal total cost; see the kernel).
-  const int64_t units = int64_t(p.causal ? (tiles + 1) / 2 : tiles) * p.N * p.B;
-  if (!bias_mask && units <= INT32_MAX / 2) {  // the kernel counts work items in int
+  // Without a causal mask every tile costs the same: a persistent grid, one CTA per SM (the next
+  // tile's loads overlap the last one's epilogue).
+  const int64_t work = int64_t(tiles) * p.N * p.B;  // the kernel counts work items in int
+  if (!bias_mask && !p.causal && work <= INT32_MAX) {
     int dev = 0, sms = 0;
     if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
     if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
         e != cudaSuccess)
       return e;
     return launch_big_smem(fwd_kernel_sm90<Tr, false, true>, args,
-                           dim3(unsigned(std::min<int64_t>(units, sms))), Tr::kThreads, smem,
+                           dim3(unsigned(std::min<int64_t>(work, sms))), Tr::kThreads, smem,
                            stream);
   }
   return launch_big_smem(kernel, args, dim3(tiles, p.N, p.B), Tr::kThreads, smem, stream);

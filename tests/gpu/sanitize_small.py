@@ -108,20 +108,17 @@ for H, dt in ((64, jnp.bfloat16), (128, jnp.float16)):
             errs.append(f"{name} {err:.1e}")
         print(f"sanitize_small sm90 fused l2norm bwd H={H}: ok ({', '.join(errs)})")
 
-# The persistent forward (sm_90a): without a causal mask 18 query tiles x 4 heads x 2 batches =
-# 144 work units, more than an H100/H200 has SMs, so CTAs walk several tiles, the empty batch's
-# with no keys; with one, 17 tiles -> 9 pairs (one a single middle tile) x 4 x 2 = 72 units of two
-# tiles each.
-B, S = 2, 300
-for H, dt, causal, T in ((64, jnp.bfloat16, False, 2200), (128, jnp.float16, False, 2200),
-                         (64, jnp.bfloat16, True, 2100), (128, jnp.float16, True, 2100)):
+# The persistent forward (sm_90a, no causal mask): 18 query tiles x 4 heads x 2 batches = 144 work
+# items, more than an H100/H200 has SMs, so CTAs walk several tiles, the empty batch's with no keys.
+B, T, S = 2, 2200, 300
+for H, dt in ((64, jnp.bfloat16), (128, jnp.float16)):
     q, k, v = (jnp.asarray(rng.standard_normal(shape), dt) for shape in
                ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
     q = (q / jnp.linalg.norm(q.astype(jnp.float32), axis=-1, keepdims=True)).astype(dt)
     k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(dt)
     ql, kl = jnp.asarray([T, 1000], jnp.int32), jnp.asarray([S, 0], jnp.int32)
     sc = jnp.full((N,), 10.0, jnp.float32)
-    got, want = (jax.block_until_ready(_cuda.fwd(q, k, v, sc, None, None, ql, kl, causal=causal,
+    got, want = (jax.block_until_ready(_cuda.fwd(q, k, v, sc, None, None, ql, kl, causal=False,
                                                  groups=1, bounded=True, sm90=sm90))
                  for sm90 in (True, False))
     for name, x, y in zip(("o", "lse"), got, want):
@@ -130,5 +127,5 @@ for H, dt, causal, T in ((64, jnp.bfloat16, False, 2200), (128, jnp.float16, Fal
         assert np.array_equal(np.isfinite(x), fin), f"persistent {name}: non-finite pattern differs"
         err = np.abs(x[fin] - y[fin]).max() / max(1.0, np.abs(y[fin]).max())
         assert err < 3e-2, f"persistent sm_90a vs sm_80 {name}: relative max diff {err}"
-    print(f"sanitize_small sm90 persistent forward H={H} causal={causal}: ok")
+    print(f"sanitize_small sm90 persistent forward H={H}: ok")
 print("sanitize_small: done")
