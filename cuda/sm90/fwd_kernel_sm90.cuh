@@ -89,7 +89,8 @@ struct KernelArgs {
 // their last QK^T) and first K/V stages load while the consumers finish the previous tile's PV and
 // epilogue. Causal grids stay one CTA per tile: their longest-first order is kept by the hardware's
 // dispatch, where a static stride lets the CTAs drift apart over heads (measured +8-16 % at
-// N = 16384, benchmarks/NOTES.md session 12).
+// N = 16384); equal-cost pairs of tiles (j, ntq - 1 - j) as persistent units kept them in step
+// but measured no gain (benchmarks/NOTES.md, session 12, #45-#46).
 template <class Tr, bool kBiasMask, bool kPersistent = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_sm90(CUTE_GRID_CONSTANT const KernelArgs<Tr> args) {
