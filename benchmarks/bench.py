@@ -207,7 +207,8 @@ def main(argv=None):
         # Rounds in a rotating path order, so that no path always runs first after the compiles
         # (idle card) or last; the reported time is the median of the rounds' medians.
         for r in range(a.rounds):
-            for rec, compiled, args in ready[r % max(1, len(ready)):] + ready[:r % max(1, len(ready))]:
+            k = r % len(ready) if ready else 0
+            for rec, compiled, args in ready[k:] + ready[:k]:
                 if "error" in rec:
                     continue
                 try:
@@ -220,7 +221,6 @@ def main(argv=None):
                 continue
             rec["ms"] = statistics.median(rec["ms_rounds"])
             rec["tflops"] = flops(B, a.heads, N, N, D, a.causal, mode) / (rec["ms"] * 1e-3) / 1e12
-        del ready
 
     # bwd = (fwd+bwd) - fwd
     if "fwd" in modes and "fwd+bwd" in modes:

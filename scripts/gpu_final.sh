@@ -10,25 +10,23 @@ set -uo pipefail
 OUT=$(realpath -m "$1"); WHAT=$2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=(--paths cuda kernel cudnn pallas_mgpu --dims 64 128 --seqs 4096 16384 --long)
+status=0
+check() {  # gpu_check.sh into OUT/WHAT with the given environment overrides and bench arguments
+  env "$@" bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" "${ARGS[@]}" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+NO_BENCH=(JCA_SKIP_BENCH=1 JCA_SKIP_SANITIZER=1)
+BENCH_ONLY=(JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1)
 case $WHAT in
-  tests) JCA_SKIP_BENCH=1 JCA_SKIP_SM80_RERUN=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" ;;
-  sm80)
-    JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 JCA_SKIP_BENCH=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT"
-    (cd /tmp && JCA_SM90=0 XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -P -m pytest -q -p no:cacheprovider \
-        --rootdir /tmp "$REPO/tests/gpu" -x > "$OUT/$WHAT/gpu_tests_sm80.log" 2>&1)
-    echo "JCA_SM90=0 tests rc=$?: $(tail -1 "$OUT/$WHAT/gpu_tests_sm80.log")"
-    JCA_SKIP_BUILD=1 JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" \
-        "$OUT/$WHAT" "${BENCH[@]}" | tail -25 ;;
-  bench-causal)
-    JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" \
-        "${BENCH[@]}" --causal | tail -25 ;;
+  tests) ARGS=(); check JCA_SKIP_BENCH=1 JCA_SKIP_SM80_RERUN=1 ;;
+  sm80)  # JCA_SM90=0 is read at run time only: the build is the usual one
+    ARGS=(); check "${NO_BENCH[@]}" JCA_SM90=0 JCA_SKIP_SM80_RERUN=1
+    ARGS=("${BENCH[@]}"); check "${BENCH_ONLY[@]}" JCA_SKIP_BUILD=1 ;;
+  bench-causal) ARGS=("${BENCH[@]}" --causal); check "${BENCH_ONLY[@]}" ;;
   bench)
-    JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" "$OUT/$WHAT" \
-        "${BENCH[@]}" | tail -25
-    JCA_SKIP_BUILD=1 JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 bash "$REPO/scripts/gpu_check.sh" \
-        "$OUT/$WHAT" "${BENCH[@]}" --causal | tail -25 ;;
+    ARGS=("${BENCH[@]}"); check "${BENCH_ONLY[@]}"
+    ARGS=("${BENCH[@]}" --causal); check "${BENCH_ONLY[@]}" JCA_SKIP_BUILD=1 ;;
   *) echo "unknown step $WHAT"; exit 2 ;;
 esac
-rc=${PIPESTATUS[0]}
 tar -C "$OUT" -czf "$OUT/$WHAT.tgz" "$WHAT" && rm -rf "${OUT:?}/$WHAT"
-exit $rc
+exit $status
