@@ -39,6 +39,7 @@ struct DeviceInfo {
   bool ok = false;
   int cc_major = 0, cc_minor = 0;
   int smem_optin = 0;
+  int sm_count = 0;
 };
 
 ffi::ErrorOr<DeviceInfo> GetDeviceInfo(int32_t ordinal) {
@@ -53,9 +54,11 @@ ffi::ErrorOr<DeviceInfo> GetDeviceInfo(int32_t ordinal) {
     cudaError_t e2 = cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, ordinal);
     cudaError_t e3 =
         cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, ordinal);
-    if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess)
-      return ffi::Unexpected(ffi::Error::Internal(std::string("jca: cudaDeviceGetAttribute: ") +
-                                                  cudaGetErrorString(e1 != cudaSuccess ? e1 : e2 != cudaSuccess ? e2 : e3)));
+    cudaError_t e4 = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, ordinal);
+    for (cudaError_t e : {e1, e2, e3, e4})
+      if (e != cudaSuccess)
+        return ffi::Unexpected(ffi::Error::Internal(std::string("jca: cudaDeviceGetAttribute: ") +
+                                                    cudaGetErrorString(e)));
     // Test aid: JCA_DEBUG_SMEM_LIMIT=<bytes> caps what the launchers may use, so that a large
     // device runs the tiles of a small one (99 KB a block on sm_86/89/120).
     if (const char* cap = std::getenv("JCA_DEBUG_SMEM_LIMIT"); cap != nullptr && std::atoi(cap) > 0)
@@ -162,6 +165,7 @@ ffi::Error FillCommon(jca::Params& p, const ffi::AnyBuffer& q, const ffi::AnyBuf
   if (info->cc_major < 8) return Invalid("needs compute capability >= 8.0 (mma.sync bf16/f16)");
   p.cc = info->cc_major * 10 + info->cc_minor;
   p.smem_optin = info->smem_optin;
+  p.sm_count = info->sm_count;
   if (jca::MinSmemBytes(p.D) > size_t(info->smem_optin))
     return Invalid("kernel needs " + std::to_string(jca::MinSmemBytes(p.D)) +
                    " bytes of shared memory per block; device allows " +

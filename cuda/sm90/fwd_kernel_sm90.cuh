@@ -122,9 +122,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const RowLimits L = make_limits(p, b);
     return Work{n, b, L, query_tile(p, L, BR, BC, x, kPersistent ? ntq : int(gridDim.x))};
   };
-  int last_busy = -1;  // the last work item with key tiles (its last turn is not passed)
-  for (int w = work_begin; w < work_end; w += work_step)
-    if (work_at(w).tile.ntiles > 0) last_busy = w;
+  // The last work item with key tiles (its last turn is not passed): scanned from the CTA's last
+  // item down, so the usual case (that item has keys) costs one look-up.
+  int last_busy = -1;
+  if (work_begin < work_end)
+    for (int w = work_begin + (work_end - 1 - work_begin) / work_step * work_step;
+         w >= work_begin; w -= work_step)
+      if (work_at(w).tile.ntiles > 0) {
+        last_busy = w;
+        break;
+      }
   const int wg = uniform_warpgroup();
 
   if (threadIdx.x == 0) {

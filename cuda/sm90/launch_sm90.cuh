@@ -34,11 +34,14 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   // tile's loads overlap the last one's epilogue).
   const int64_t work = int64_t(tiles) * p.N * p.B;  // the kernel counts work items in int
   if (!bias_mask && !p.causal && work <= INT32_MAX) {
-    int dev = 0, sms = 0;
-    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        e != cudaSuccess)
-      return e;
+    int sms = p.sm_count;  // filled (cached per device) by the FFI handlers
+    if (sms <= 0) {        // a direct C++ caller that left it unset
+      int dev = 0;
+      if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+      if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+          e != cudaSuccess)
+        return e;
+    }
     return launch_big_smem(fwd_kernel_sm90<Tr, false, true>, args,
                            dim3(unsigned(std::min<int64_t>(work, sms))), Tr::kThreads, smem,
                            stream);
