@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import flops, l2n, make_fn  # noqa: E402
+from bench import error_text, flops, l2n, make_fn  # noqa: E402
 
 
 def sample_ms(fn, args, inner):
@@ -43,16 +43,35 @@ def bootstrap_median(x, rng, n=2000, level=0.95):
     return float(lo), float(hi)
 
 
+def speedup_text(r):
+    if "speedup" not in r:
+        return "baseline"
+    return f"{r['speedup']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def row_text(r):
+    if "error" in r:
+        return f"D={r['D']} N={r['N']} {r['mode']} {r['path']}: {r['error'][:60]}"
+    return f"D={r['D']} N={r['N']} {r['mode']} {r['path']} {r['ms']:.3f} ms {speedup_text(r)}"
+
+
 def run_config(paths, mode, causal, shape, dtype, pairs, rng, baseline):
     q, k, v, do = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(4))
     qn, kn = l2n(q), l2n(k)
-    fns = {}
+    fns, errors = {}, {}
     for p in paths:
         args = (qn, kn, v, do) if p.startswith("kernel") else (q, k, v, do)
-        fn = make_fn(p, mode, causal).lower(*args).compile()
-        jax.block_until_ready(fn(*args))
+        try:
+            fn = make_fn(p, mode, causal).lower(*args).compile()
+            jax.block_until_ready(fn(*args))
+        except Exception as e:  # noqa: BLE001  (e.g. Pallas has no causal backward)
+            if p == baseline:
+                raise
+            errors[p] = error_text(e)
+            continue
         one = sample_ms(fn, args, 1)
         fns[p] = (fn, args, max(1, min(50, int(20.0 / max(one, 1e-3)))))
+    paths = [p for p in paths if p in fns]
     samples = {p: [] for p in paths}
     for r in range(pairs):
         for p in (paths if r % 2 == 0 else paths[::-1]):
@@ -66,6 +85,7 @@ def run_config(paths, mode, causal, shape, dtype, pairs, rng, baseline):
             lo, hi = bootstrap_median(ratios, rng)
             rec.update(speedup=statistics.median(ratios), ci95=[lo, hi])
         out[p] = rec
+    out.update({p: dict(error=e) for p, e in errors.items()})
     return out
 
 
@@ -96,13 +116,12 @@ def main(argv=None):
                 res = run_config(a.paths, mode, a.causal, (a.batch, N, a.heads, D), dtype,
                                  a.pairs, rng, a.baseline)
                 for p, rec in res.items():
-                    tf = flops(a.batch, a.heads, N, N, D, a.causal, mode) / (rec["ms"] * 1e-3) / 1e12
+                    if "ms" in rec:
+                        rec["tflops"] = (flops(a.batch, a.heads, N, N, D, a.causal, mode)
+                                         / (rec["ms"] * 1e-3) / 1e12)
                     rows.append(dict(rec, path=p, mode=mode, D=D, N=N, B=a.batch, H=a.heads,
-                                     causal=a.causal, dtype=a.dtype, card=card, tflops=tf))
-                print(" ".join(f"D={D} N={N} {mode} {r['path']} {r['ms']:.3f} ms"
-                               + (f" x{r['speedup']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-                                  if "speedup" in r else "")
-                               for r in rows[-len(a.paths):]), flush=True)
+                                     causal=a.causal, dtype=a.dtype, card=card))
+                print(" | ".join(row_text(r) for r in rows[-len(res):]), flush=True)
 
     os.makedirs(a.out, exist_ok=True)
     tag = f"paired_{a.dtype}{'_causal' if a.causal else ''}"
@@ -112,10 +131,11 @@ def main(argv=None):
              f"{a.pairs} alternating pairs; speed-up = {a.baseline} / path, median [95 % CI]",
              "| D | N | mode | path | ms (median) | TFLOP/s | speed-up |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        sp = (f"{r['speedup']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-              if "speedup" in r else "baseline")
+        if "error" in r:
+            lines.append(f"| {r['D']} | {r['N']} | {r['mode']} | {r['path']} | {r['error'][:60]} | | |")
+            continue
         lines.append(f"| {r['D']} | {r['N']} | {r['mode']} | {r['path']} | {r['ms']:.3f} "
-                     f"| {r['tflops']:.0f} | {sp} |")
+                     f"| {r['tflops']:.0f} | {speedup_text(r)} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(a.out, f"{tag}.md"), "w") as fh:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The end-of-session verification in device calls of under 10 minutes each, every result packed
 # into one archive (the device tool returns a limited number of files).
-# Usage: scripts/gpu_final.sh OUTDIR tests|sm80|bench|bench-causal
+# Usage: scripts/gpu_final.sh OUTDIR tests|sm80|bench|bench-causal|paired
 #   tests: build, tests/gpu on the default paths, compute-sanitizer;
 #   sm80: build, tests/gpu with JCA_SM90=0, the non-causal benchmark table;
 #   bench-causal: build, the causal benchmark table;
-#   bench: build, both tables.
+#   bench: build, both tables;
+#   paired: build, benchmarks/paired.py (alternating pairs against cuDNN) without and with causal.
 set -uo pipefail
 OUT=$(realpath -m "$1"); WHAT=$2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +27,13 @@ case $WHAT in
   bench)
     ARGS=("${BENCH[@]}"); check "${BENCH_ONLY[@]}"
     ARGS=("${BENCH[@]}" --causal); check "${BENCH_ONLY[@]}" JCA_SKIP_BUILD=1 ;;
+  paired)
+    ARGS=(); check JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 JCA_SKIP_BENCH=1
+    for causal in "" --causal; do
+      ( cd /tmp && python3 -P "$REPO/benchmarks/paired.py" --out "$OUT/$WHAT" $causal \
+          --paths cuda kernel cudnn pallas_mgpu ) 2>&1 | tee -a "$OUT/$WHAT/paired.log" | grep "^|"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done ;;
   *) echo "unknown step $WHAT"; exit 2 ;;
 esac
 tar -C "$OUT" -czf "$OUT/$WHAT.tgz" "$WHAT" && rm -rf "${OUT:?}/$WHAT"
