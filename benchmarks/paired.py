@@ -3,13 +3,18 @@ card's clock drift (which moves whole rounds of bench.py by up to 18 %) hits bot
 ratio alike.
 
   python -P benchmarks/paired.py [--causal] [--modes fwd fwd+bwd] [--dims 64 128]
-                                 [--seqs 4096 16384] [--pairs 25] [--out DIR]
+                                 [--seqs 4096 16384] [--pairs 15] [--lead-ms 250] [--out DIR]
 
 For each (D, N, mode) every path is compiled and warmed up, then timed in --pairs rounds; a round
 times one sample of each path (≈ 20 ms of back-to-back calls, device-synchronised), in an order
-that reverses every round. The speed-up of a path is the median over rounds of
-baseline sample / path sample, with a 95 % bootstrap interval of that median; a path is faster
-than the baseline only where the whole interval lies above 1. Paths and inputs are bench.py's.
+that reverses every round. An H100 under these loads runs at its power cap, and a sample's clock
+depends on what ran just before it (a path measured right after a low-power one ran ≈ 10 %
+faster); so each sample is preceded by --lead-ms of untimed calls of the same path, and measures
+the path in its own steady state (--lead-ms 0: plain alternation). The speed-up of a path is the
+median over rounds of baseline sample / path sample, with a 95 % bootstrap interval of that
+median; a path is faster than the baseline only where the whole interval lies above 1. Paths and
+inputs are bench.py's; each sample's start time (time.time()) is kept in the JSON, to be joined
+with a clock / power log.
 """
 import argparse
 import json
@@ -28,7 +33,11 @@ import numpy as np  # noqa: E402
 from bench import error_text, flops, l2n, make_fn  # noqa: E402
 
 
-def sample_ms(fn, args, inner):
+def sample_ms(fn, args, inner, lead):
+    for _ in range(lead):
+        out = fn(*args)
+    if lead:
+        jax.block_until_ready(out)
     t0 = time.perf_counter()
     for _ in range(inner):
         out = fn(*args)
@@ -55,7 +64,7 @@ def row_text(r):
     return f"D={r['D']} N={r['N']} {r['mode']} {r['path']} {r['ms']:.3f} ms {speedup_text(r)}"
 
 
-def run_config(paths, mode, causal, shape, dtype, pairs, rng, baseline):
+def run_config(paths, mode, causal, shape, dtype, pairs, rng, baseline, lead_ms):
     q, k, v, do = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(4))
     qn, kn = l2n(q), l2n(k)
     fns, errors = {}, {}
@@ -69,17 +78,19 @@ def run_config(paths, mode, causal, shape, dtype, pairs, rng, baseline):
                 raise
             errors[p] = error_text(e)
             continue
-        one = sample_ms(fn, args, 1)
-        fns[p] = (fn, args, max(1, min(50, int(20.0 / max(one, 1e-3)))))
+        one = max(sample_ms(fn, args, 1, 0), 1e-3)
+        fns[p] = (fn, args, max(1, min(50, int(20.0 / one))), int(lead_ms / one))
     paths = [p for p in paths if p in fns]
     samples = {p: [] for p in paths}
+    starts = {p: [] for p in paths}
     for r in range(pairs):
         for p in (paths if r % 2 == 0 else paths[::-1]):
-            fn, args, inner = fns[p]
-            samples[p].append(sample_ms(fn, args, inner))
+            fn, args, inner, lead = fns[p]
+            starts[p].append(time.time())
+            samples[p].append(sample_ms(fn, args, inner, lead))
     out = {}
     for p in paths:
-        rec = dict(ms=statistics.median(samples[p]), samples_ms=samples[p])
+        rec = dict(ms=statistics.median(samples[p]), samples_ms=samples[p], starts=starts[p])
         if p != baseline:
             ratios = [b / t for b, t in zip(samples[baseline], samples[p])]
             lo, hi = bootstrap_median(ratios, rng)
@@ -100,7 +111,9 @@ def main(argv=None):
     ap.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--paths", nargs="+", default=["cuda", "kernel", "cudnn"])
     ap.add_argument("--baseline", default="cudnn")
-    ap.add_argument("--pairs", type=int, default=25)
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--lead-ms", type=float, default=250.0,
+                    help="untimed calls of the same path before each sample (0: none)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     if a.baseline not in a.paths:
@@ -114,7 +127,7 @@ def main(argv=None):
         for N in a.seqs:
             for mode in a.modes:
                 res = run_config(a.paths, mode, a.causal, (a.batch, N, a.heads, D), dtype,
-                                 a.pairs, rng, a.baseline)
+                                 a.pairs, rng, a.baseline, a.lead_ms)
                 for p, rec in res.items():
                     if "ms" in rec:
                         rec["tflops"] = (flops(a.batch, a.heads, N, N, D, a.causal, mode)
@@ -124,11 +137,12 @@ def main(argv=None):
                 print(" | ".join(row_text(r) for r in rows[-len(res):]), flush=True)
 
     os.makedirs(a.out, exist_ok=True)
-    tag = f"paired_{a.dtype}{'_causal' if a.causal else ''}"
+    tag = f"paired_{a.dtype}{'_causal' if a.causal else ''}{'_lead0' if a.lead_ms == 0 else ''}"
     with open(os.path.join(a.out, f"{tag}.json"), "w") as fh:
         json.dump(dict(card=card, jax=jax.__version__, argv=sys.argv[1:], rows=rows), fh, indent=1)
     lines = [f"card: {card}, {a.dtype}, causal {a.causal}, B={a.batch} H={a.heads}, "
-             f"{a.pairs} alternating pairs; speed-up = {a.baseline} / path, median [95 % CI]",
+             f"{a.pairs} alternating pairs, {a.lead_ms:g} ms lead-in per sample; "
+             f"speed-up = {a.baseline} / path, median [95 % CI]",
              "| D | N | mode | path | ms (median) | TFLOP/s | speed-up |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -27,13 +27,17 @@ case $WHAT in
   bench)
     ARGS=("${BENCH[@]}"); check "${BENCH_ONLY[@]}"
     ARGS=("${BENCH[@]}" --causal); check "${BENCH_ONLY[@]}" JCA_SKIP_BUILD=1 ;;
-  paired)
+  paired)  # with the SM clock and power sampled every 100 ms (UTC timestamps) into smi.csv
     ARGS=(); check JCA_SKIP_TESTS=1 JCA_SKIP_SANITIZER=1 JCA_SKIP_BENCH=1
+    TZ=UTC nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader,nounits -lms 100 > "$OUT/$WHAT/smi.csv" &
+    smi=$!
     for causal in "" --causal; do
       ( cd /tmp && python3 -P "$REPO/benchmarks/paired.py" --out "$OUT/$WHAT" $causal \
-          --paths cuda kernel cudnn pallas_mgpu ) 2>&1 | tee -a "$OUT/$WHAT/paired.log" | grep "^|"
+          --pairs 12 --lead-ms 200 ) 2>&1 | tee -a "$OUT/$WHAT/paired.log" | grep "^|"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    done ;;
+    done
+    kill $smi ;;
   *) echo "unknown step $WHAT"; exit 2 ;;
 esac
 tar -C "$OUT" -czf "$OUT/$WHAT.tgz" "$WHAT" && rm -rf "${OUT:?}/$WHAT"
