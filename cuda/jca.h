@@ -46,7 +46,7 @@ struct Params {
   bool deterministic = false;
   int cc = 0;               // device compute capability, major * 10 + minor
   int smem_optin = 0;       // shared memory a block may opt into (bytes); tiles are chosen to fit
-  int sm_count = 0;         // multiprocessors (persistent grids); 0: the launcher queries it
+  int sm_count = 0;         // multiprocessors (persistent grids)
   bool allow_sm90 = true;   // let the kernels take the sm_90a path where it applies
   bool sm90_fused_dq = false;  // sm_90a backward: dQ inside the dK/dV kernel (not deterministic)
 

@@ -34,17 +34,12 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   // tile's loads overlap the last one's epilogue).
   const int64_t work = int64_t(tiles) * p.N * p.B;  // the kernel counts work items in int
   if (!bias_mask && !p.causal && work <= INT32_MAX) {
-    int sms = p.sm_count;  // filled (cached per device) by the FFI handlers
-    if (sms <= 0) {        // a direct C++ caller that left it unset
-      int dev = 0;
-      if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-      if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-          e != cudaSuccess)
-        return e;
-    }
+    // Params' device fields are the caller's (the FFI handlers cache them per device), as
+    // smem_optin is for launch_big_smem.
+    if (p.sm_count <= 0) return cudaErrorInvalidValue;
     return launch_big_smem(fwd_kernel_sm90<Tr, false, true>, args,
-                           dim3(unsigned(std::min<int64_t>(work, sms))), Tr::kThreads, smem,
-                           stream);
+                           dim3(unsigned(std::min<int64_t>(work, p.sm_count))), Tr::kThreads,
+                           smem, stream);
   }
   return launch_big_smem(kernel, args, dim3(tiles, p.N, p.B), Tr::kThreads, smem, stream);
 }
