@@ -14,6 +14,8 @@
 # (logs OUTDIR/tests_<name>_<v>.log).
 # Env: JCA_EXP_REUSE=1 keeps the builds of an earlier call of this script in the same machine session
 # (a second timing pass with other arguments); JCA_EXP_ROUNDS (default 2) the ABAB rounds.
+# Env: JCA_EXP_SCRIPT=benchmarks/x.py times with that script (args as given) instead of
+# kernel_variants.py, its output in OUTDIR/<name>_<variant>_r<round>.log (JCA_EXP_TAIL lines shown).
 # Env: JCA_DURING_BUILDS="command" runs alongside the builds (the GPU is idle then; its output
 # goes to OUTDIR/during_builds.log), e.g. scripts/gpu_wgmma_rate.sh.
 set -uo pipefail
@@ -75,6 +77,13 @@ for round in $(seq "${JCA_EXP_ROUNDS:-2}"); do
     name=${spec%@*}
     [ -d "$WORK/$name/site" ] || continue
     for v in $(variants_of "$spec"); do
+      if [ -n "${JCA_EXP_SCRIPT:-}" ]; then  # another timing script, its output kept per run
+        log="$OUT/${name}_${v}_r$round.log"
+        PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 300 $PY -P "$REPO/$JCA_EXP_SCRIPT" "$@" \
+            > "$log" 2>&1
+        echo "== $name JCA_EXP=$v round $round"; grep -v "^\s*$" "$log" | tail -${JCA_EXP_TAIL:-20}
+        continue
+      fi
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 150 $PY -P "$REPO/benchmarks/kernel_variants.py" \
           --env JCA_EXP "$@" 2>>"$OUT/variants.err" | sed "s/^{/{\"experiment\": \"$name\", /" \
           | tee -a "$OUT/variants.jsonl"

@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using EmptyBar = cutlass::arch::ClusterBarrier;
   constexpr int D = Tr::D, BN = Tr::BN, BM = Tr::BM, STAGES = Tr::STAGES;
   const Params& p = args.p;
+  allow_dependent_launch();  // the other backward kernel does not read this one's outputs
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -435,28 +436,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
     if (steps > 0) {
       FullBar::wait(&ss.raw_full, 0);
-      Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
-      Tensor tKVsKr = thr_kv.partition_C(sKr);  // the raw k elements of this thread's dK ones
-      auto x_at = [&](int i) { return make_float2(float(tKVsKr(i)), float(tKVsKr(i + 1))); };
+      constexpr int kPairs = decltype(size(tdKrdK))::value / 2;
+      uint32_t x2[kPairs];  // the raw k elements at this thread's dK ones, in pairs
+      load_acc_pairs<typename Tr::SmemLayoutKV>(smem_u32(ss.raw.k.data()), tKVc, x2);
       float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tdKrdK); i += 2) {  // (rows past S: zero-filled, dK zero)
-        const int h = (i >> 1) & 1;
-        const float2 x = x_at(i);
+      for (int j = 0; j < kPairs; ++j) {  // (rows past S: zero-filled, dK zero)
+        const int h = j & 1;
+        const float2 x = MmaOp<T>::unpack(x2[j]);
         sumsq[h] += x.x * x.x + x.y * x.y;
-        x_dk[h] += x.x * tdKrdK(i) + x.y * tdKrdK(i + 1);
+        x_dk[h] += x.x * tdKrdK(2 * j) + x.y * tdKrdK(2 * j + 1);
       }
       float a[2], bx[2];  // dk = a dK - bx k per key row (bwd_coeffs)
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h)
         bwd_coeffs(quad_sum(sumsq[h]), quad_sum(x_dk[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
-      asm volatile("" ::: "memory");  // read x again below rather than keep 64 floats live
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tdKrdK); i += 2) {
-        const int h = (i >> 1) & 1;
-        const float2 x = x_at(i);
-        tdKrdK(i) = a[h] * tdKrdK(i) - bx[h] * x.x;
-        tdKrdK(i + 1) = a[h] * tdKrdK(i + 1) - bx[h] * x.y;
+      for (int j = 0; j < kPairs; ++j) {
+        const int h = j & 1;
+        const float2 x = MmaOp<T>::unpack(x2[j]);
+        tdKrdK(2 * j) = a[h] * tdKrdK(2 * j) - bx[h] * x.x;
+        tdKrdK(2 * j + 1) = a[h] * tdKrdK(2 * j + 1) - bx[h] * x.y;
       }
     }
     CUTLASS_PRAGMA_UNROLL
@@ -477,8 +477,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
   }
-  // Launched to overlap the dQ kernel (launch_dkdv): this CTA may not complete before it, or the
-  // work after this kernel could read an unfinished dq.
+  // Launched to overlap the other backward kernel (run_bwd): this CTA may not complete before
+  // it, or the work after this kernel could read its unfinished outputs.
   wait_for_previous_grid();
 }
 

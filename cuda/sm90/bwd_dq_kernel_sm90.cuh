@@ -71,49 +71,63 @@ struct BwdDqTraits {
 
 // Epilogue with the l2norm backward fused: this thread's dq_acc elements (two rows, columns
 // spread over the lanes of a quad) -> dq_norm = l2norm_bwd(q_raw row, scale * dq_acc row) in q's
-// dtype and rowdot = <q, dq_acc> per row. tq, tqr: the normalised and raw q elements in smem at
-// the accumulator's positions; `loaded` is false when the CTA had no key tile (nothing in smem,
-// dq_acc zero: zeros are written).
-template <class Tr, class Acc, class Coord, class SQ>
+// dtype and rowdot = <q, dq_acc> per row. sq, sqr: shared addresses of the normalised and the
+// raw q tile; `loaded` is false when the CTA had no key tile (nothing in smem, dq_acc zero:
+// zeros are written).
+template <class Tr, class Acc, class Coord>
 __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& acc,
-                                                    const Coord& coord, const SQ& tq,
-                                                    const SQ& tqr, bool loaded, int t0, int n,
-                                                    int b) {
+                                                    const Coord& coord, uint32_t sq, uint32_t sqr,
+                                                    bool loaded, int t0, int n, int b) {
   using T = typename Tr::T;
-  constexpr int D = Tr::D;
+  using Layout = typename Tr::SmemLayoutQ;
+  constexpr int D = Tr::D, kPairs = decltype(size(acc))::value / 2;
   const float sc = p.scale[n];
-  const int64_t row_stride = int64_t(p.N) * D;
-  T* dx0 = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T * p.N + n) * D;
-  auto x_at = [&](int i) {
-    return loaded ? make_float2(float(tqr(i)), float(tqr(i + 1))) : make_float2(0.f, 0.f);
-  };
-  float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f}, q_acc[2] = {0.f, 0.f};
+  // Pair j holds columns (c, c + 1) of row (j & 1): the accumulator's ((2, 2, N/8)) order.
+  uint32_t x2[kPairs], q2[kPairs];
   if (loaded) {
+    load_acc_pairs<Layout>(sqr, coord, x2);
+    load_acc_pairs<Layout>(sq, coord, q2);
+  } else {
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      const int h = (i >> 1) & 1;
-      const float2 x = x_at(i);
-      sumsq[h] += x.x * x.x + x.y * x.y;
-      x_acc[h] += x.x * acc(i) + x.y * acc(i + 1);
-      q_acc[h] += float(tq(i)) * acc(i) + float(tq(i + 1)) * acc(i + 1);
-    }
+    for (int j = 0; j < kPairs; ++j) x2[j] = q2[j] = 0u;
+  }
+  float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f}, q_acc[2] = {0.f, 0.f};
+  CUTLASS_PRAGMA_UNROLL
+  for (int j = 0; j < kPairs; ++j) {
+    const int h = j & 1;
+    const float2 x = MmaOp<T>::unpack(x2[j]), q = MmaOp<T>::unpack(q2[j]);
+    const float g0 = acc(2 * j), g1 = acc(2 * j + 1);
+    sumsq[h] += x.x * x.x + x.y * x.y;
+    x_acc[h] += x.x * g0 + x.y * g1;
+    q_acc[h] += q.x * g0 + q.y * g1;
   }
   float a[2], bx[2];  // dq = a dy - bx x per row (bwd_coeffs), dy = sc dq_acc
+  T* out[2];
+  bool valid[2];
+  const int64_t row_stride = int64_t(p.N) * D;
+  T* dx0 = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T * p.N + n) * D;
   CUTLASS_PRAGMA_UNROLL
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < 2; ++h) {
     bwd_coeffs(quad_sum(sumsq[h]), sc * quad_sum(x_acc[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
-  q_acc[0] = quad_sum(q_acc[0]);
-  q_acc[1] = quad_sum(q_acc[1]);
-  asm volatile("" ::: "memory");  // read x again below rather than keep it live
+    a[h] *= sc;
+    q_acc[h] = quad_sum(q_acc[h]);
+    const int t = t0 + get<0>(coord(2 * h));
+    valid[h] = t < p.T;
+    out[h] = dx0 + int64_t(t) * row_stride;
+    if (valid[h] && threadIdx.x % 4 == 0)  // one lane per row
+      p.rowdot[(int64_t(b) * p.N + n) * p.T + t] = q_acc[h];
+  }
+  const int c0 = get<1>(coord(0));  // the thread's first column; the others at fixed offsets
   CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    const int h = (i >> 1) & 1, r = get<0>(coord(i)), c = get<1>(coord(i));
-    if (t0 + r >= p.T) continue;
-    const float2 x = x_at(i);
-    *reinterpret_cast<uint32_t*>(dx0 + int64_t(t0 + r) * row_stride + c) =
-        MmaOp<T>::pack(a[h] * sc * acc(i) - bx[h] * x.x, a[h] * sc * acc(i + 1) - bx[h] * x.y);
-    if (i < 4 && threadIdx.x % 4 == 0)  // the row's first column pair: one lane per row
-      p.rowdot[(int64_t(b) * p.N + n) * p.T + t0 + r] = q_acc[h];
+  for (int h = 0; h < 2; ++h) {
+    if (!valid[h]) continue;
+    T* row = out[h] + c0;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = h; j < kPairs; j += 2) {
+      const float2 x = MmaOp<T>::unpack(x2[j]);
+      *reinterpret_cast<uint32_t*>(row + (get<1>(coord(2 * j)) - c0)) =
+          MmaOp<T>::pack(a[h] * acc(2 * j) - bx[h] * x.x, a[h] * acc(2 * j + 1) - bx[h] * x.y);
+    }
   }
 }
 
@@ -135,7 +149,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using EmptyBar = cutlass::arch::ClusterBarrier;
   constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, STAGES = Tr::STAGES;
   const Params& p = args.p;
-  allow_dependent_launch();  // the dK/dV kernel after this one does not read its outputs
+  allow_dependent_launch();  // the other backward kernel does not read this one's outputs
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -346,9 +360,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if constexpr (kNorm) {  // the l2norm backward fused (Params::q_raw)
     // No key tile: dq_acc is zero, so are dq and rowdot, and nothing was loaded.
     if (ntiles > 0) FullBar::wait(&ss.raw_full, 0);
-    Tensor sQr = make_tensor(make_smem_ptr(ss.q_raw.data()), typename Tr::SmemLayoutQ{});
-    store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, thr_dq.partition_C(sQ), thr_dq.partition_C(sQr),
+    store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, smem_u32(ss.q.data()), smem_u32(ss.q_raw.data()),
                             ntiles > 0, t0, n, b);
+    wait_for_previous_grid();
     return;
   }
   // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).
@@ -360,6 +374,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       *reinterpret_cast<float2*>(dq + int64_t(t) * p.N * D + get<1>(tdQc(i))) =
           make_float2(tdQrdQ(i), tdQrdQ(i + 1));
   }
+  // Launched to overlap the dK/dV kernel (run_bwd): this CTA may not complete before it.
+  wait_for_previous_grid();
 }
 
 }  // namespace jca::sm90

@@ -144,6 +144,20 @@ __device__ __forceinline__ void wait_for_previous_grid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
+// The 16-bit elements of a shared-memory tile (in `Layout`) at a thread's accumulator positions
+// (i, i + 1), i even -- two adjacent columns -- one 32-bit shared load per pair. Element-wise
+// CuTe access to the swizzled tile compiled to 16-bit generic loads with 64-bit address math
+// (≈ 1500 integer instructions a thread in the dQ kernel's l2norm epilogue).
+template <class Layout, class Coord, int N>
+__device__ __forceinline__ void load_acc_pairs(uint32_t smem, const Coord& coord,
+                                               uint32_t (&pairs)[N]) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int j = 0; j < N; ++j) {
+    const uint32_t off = uint32_t(Layout{}(get<0>(coord(2 * j)), get<1>(coord(2 * j))));
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pairs[j]) : "r"(smem + 2u * off));
+  }
+}
+
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
 // layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
 template <class Layout>
