@@ -38,5 +38,9 @@ if [ -f "$CUT/cute/tensor.hpp" ]; then
       -c "$REPO/benchmarks/$prog.cu" -o "$BUILD/$prog.o"
   done
   echo "ci_cuda_compile: benchmarks/wgmma_rate.cu, bwd_schedule_lab.cu compile"
+  # Host-run check of the epilogues' shared-memory addressing against CuTe's (no GPU needed).
+  nvcc -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -I"$CUT" -I"$REPO/cuda" \
+    "$REPO/tests/cuda/smem_offsets_check.cu" -o "$BUILD/smem_offsets_check"
+  "$BUILD/smem_offsets_check"
 fi
 echo "ci_cuda_compile: built $so in $(( $(date +%s) - t0 )) s"

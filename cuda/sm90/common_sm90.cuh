@@ -144,17 +144,26 @@ __device__ __forceinline__ void wait_for_previous_grid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
-// The 16-bit elements of a shared-memory tile (in `Layout`) at a thread's accumulator positions
-// (i, i + 1), i even -- two adjacent columns -- one 32-bit shared load per pair. Element-wise
-// CuTe access to the swizzled tile compiled to 16-bit generic loads with 64-bit address math
-// (≈ 1500 integer instructions a thread in the dQ kernel's l2norm epilogue).
+// Byte offset of element (r, c) of a 16-bit tile in `Layout`, a GMMA atom tiling: the atoms
+// defer their swizzle to the smem pointer, where it acts on byte addresses, so it is applied to
+// the byte offset (valid for tiles at 1024-byte aligned addresses). Checked against CuTe's own
+// addressing by tests/cuda/smem_offsets_check.cu.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr uint32_t smem_byte_offset(int r, int c) {
+  return uint32_t(get_swizzle_portion(Layout{})(2 * int(get_nonswizzle_portion(Layout{})(r, c))));
+}
+
+// The 16-bit elements of a shared-memory tile at a thread's accumulator positions (i, i + 1),
+// i even -- two adjacent columns -- as one 32-bit shared load per pair (smem: the tile's shared
+// address). Element-wise CuTe access to the swizzled tile compiled to 16-bit generic loads with
+// 64-bit address math (≈ 1500 integer instructions a thread in the dQ kernel's l2norm epilogue).
 template <class Layout, class Coord, int N>
 __device__ __forceinline__ void load_acc_pairs(uint32_t smem, const Coord& coord,
                                                uint32_t (&pairs)[N]) {
   CUTLASS_PRAGMA_UNROLL
   for (int j = 0; j < N; ++j) {
-    const uint32_t off = uint32_t(Layout{}(get<0>(coord(2 * j)), get<1>(coord(2 * j))));
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pairs[j]) : "r"(smem + 2u * off));
+    const uint32_t off = smem_byte_offset<Layout>(get<0>(coord(2 * j)), get<1>(coord(2 * j)));
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pairs[j]) : "r"(smem + off));
   }
 }
 
