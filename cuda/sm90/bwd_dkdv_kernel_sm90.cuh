@@ -133,7 +133,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using EmptyBar = cutlass::arch::ClusterBarrier;
   constexpr int D = Tr::D, BN = Tr::BN, BM = Tr::BM, STAGES = Tr::STAGES;
   const Params& p = args.p;
-  allow_dependent_launch();  // the other backward kernel does not read this one's outputs
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -477,8 +476,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
   }
-  // Launched to overlap the other backward kernel (run_bwd): this CTA may not complete before
-  // it, or the work after this kernel could read its unfinished outputs.
+  // Launched to overlap the dQ kernel (launch_dkdv): this CTA may not complete before it, or the
+  // work after this kernel could read an unfinished dq.
   wait_for_previous_grid();
 }
 

@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using EmptyBar = cutlass::arch::ClusterBarrier;
   constexpr int D = Tr::D, BC = Tr::BC, BR = Tr::BR, STAGES = Tr::STAGES;
   const Params& p = args.p;
-  allow_dependent_launch();  // the other backward kernel does not read this one's outputs
+  allow_dependent_launch();  // the dK/dV kernel after this one does not read its outputs
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -362,7 +362,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (ntiles > 0) FullBar::wait(&ss.raw_full, 0);
     store_dq_l2norm_bwd<Tr>(p, tdQrdQ, tdQc, smem_u32(ss.q.data()), smem_u32(ss.q_raw.data()),
                             ntiles > 0, t0, n, b);
-    wait_for_previous_grid();
     return;
   }
   // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).
@@ -374,8 +373,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       *reinterpret_cast<float2*>(dq + int64_t(t) * p.N * D + get<1>(tdQc(i))) =
           make_float2(tdQrdQ(i), tdQrdQ(i + 1));
   }
-  // Launched to overlap the dK/dV kernel (run_bwd): this CTA may not complete before it.
-  wait_for_previous_grid();
 }
 
 }  // namespace jca::sm90

@@ -5,8 +5,6 @@
 // programmatic dependent launch that starts filling SMs during the dQ kernel's last wave.
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
-#include <cstdlib>
-
 #include "../bwd_kernel.cuh"
 #include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
@@ -14,7 +12,7 @@
 namespace jca::sm90 {
 
 template <class Tr>
-cudaError_t launch_dq(const Params& p, cudaStream_t stream, bool overlap_previous) {
+cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
   using E = typename Tr::Element;
   constexpr int D = Tr::D;
   auto q_tile = typename Tr::SmemLayoutQ{};
@@ -35,11 +33,11 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream, bool overlap_previou
   auto kernel = p.q_raw ? bwd_dq_kernel_sm90<Tr, true> : bwd_dq_kernel_sm90<Tr, false>;
   return launch_big_smem(kernel, args,
                          dim3((p.T + Tr::BR - 1) / Tr::BR, p.N, p.B), Tr::kThreads, Tr::kSmem,
-                         stream, overlap_previous);
+                         stream);
 }
 
 template <class Tr>
-cudaError_t launch_dkdv(const Params& p, cudaStream_t stream, bool overlap_previous) {
+cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   using E = typename Tr::Element;
   constexpr int D = Tr::D;
   auto q_tile = take<0, 2>(typename Tr::SmemLayoutQ{});
@@ -64,9 +62,11 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream, bool overlap_previ
   if constexpr (!Tr::kFuseDq) {
     if (p.k_raw) kernel = bwd_dkdv_kernel_sm90<Tr, true>;
   }
+  // The plain dK/dV kernel reads nothing the dQ kernel before it writes: its CTAs fill the SMs
+  // that the dQ kernel's last wave leaves idle.
   return launch_big_smem(kernel, args,
                          dim3((p.S + Tr::BN - 1) / Tr::BN, p.KH, p.B), Tr::kThreads, Tr::kSmem,
-                         stream, overlap_previous);
+                         stream, /*overlap_previous=*/!Tr::kFuseDq);
 }
 
 // The fused-dQ backward is opt-in (Params::sm90_fused_dq; Python: JCA_SM90_FUSED_DQ=1): on an
@@ -83,23 +83,12 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   }
   if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
-    static const bool dkdv_first = [] {  // EXPERIMENT (JCA_EXP bit 1), removed after the A/B
-      const char* e = std::getenv("JCA_EXP");
-      return e != nullptr && (std::atoi(e) & 1);
-    }();
-    if (dkdv_first) {
-      if (cudaError_t e = launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream, false);
-          e != cudaSuccess)
-        return e;
-      return launch_dq<BwdDqTraits<D, T>>(p, stream, true);
-    }
-    if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream, false); e != cudaSuccess)
-      return e;
-    return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream, true);
+    if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
+    return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
   // varies from run to run).
-  return launch_dkdv<BwdDkvTraits<D, T, true>>(p, stream, false);
+  return launch_dkdv<BwdDkvTraits<D, T, true>>(p, stream);
 }
 
 }  // namespace jca::sm90
