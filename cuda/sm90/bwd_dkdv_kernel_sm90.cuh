@@ -421,17 +421,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int i = 0; i < size(tdKrdK); ++i) tdKrdK(i) *= sc0;
   }
   const int64_t krow = int64_t(p.KH) * D;
-  T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.S * krow + int64_t(kh) * D;
-  T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.S * krow + int64_t(kh) * D;
+  T* dkb = static_cast<T*>(p.dk) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;  // row s0
+  T* dvb = static_cast<T*>(p.dv) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;
   if constexpr (kNorm) {
     // dV first: its registers are free for the l2norm backward of dK below.
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdVrdV); i += 2) {
-      const int s = s0 + get<0>(tKVc(i));
-      if (s < p.S)
-        *reinterpret_cast<uint32_t*>(dvb + int64_t(s) * krow + get<1>(tKVc(i))) =
-            MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
-    }
+    store_acc_pairs(dvb, krow, p.S - s0, tKVc,
+                    [&](int j) { return MmaOp<T>::pack(tdVrdV(2 * j), tdVrdV(2 * j + 1)); });
     // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
     if (steps > 0) {
       FullBar::wait(&ss.raw_full, 0);
@@ -458,18 +453,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         tdKrdK(2 * j + 1) = a[h] * tdKrdK(2 * j + 1) - bx[h] * x.y;
       }
     }
+    store_acc_pairs(dkb, krow, p.S - s0, tKVc,
+                    [&](int j) { return MmaOp<T>::pack(tdKrdK(2 * j), tdKrdK(2 * j + 1)); });
+  } else {  // dK and dV pair by pair (stored one after the other, the plain kernel spills 8 B)
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int s = s0 + get<0>(tKVc(i));
-      if (s < p.S)
-        *reinterpret_cast<uint32_t*>(dkb + int64_t(s) * krow + get<1>(tKVc(i))) =
-            MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
-    }
-  } else {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int s = s0 + get<0>(tKVc(i));
-      if (s < p.S) {
+      const int s = get<0>(tKVc(i));
+      if (s < p.S - s0) {
         const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
         *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
         *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));

@@ -102,33 +102,22 @@ __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& 
     q_acc[h] += q.x * g0 + q.y * g1;
   }
   float a[2], bx[2];  // dq = a dy - bx x per row (bwd_coeffs), dy = sc dq_acc
-  T* out[2];
-  bool valid[2];
-  const int64_t row_stride = int64_t(p.N) * D;
-  T* dx0 = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T * p.N + n) * D;
   CUTLASS_PRAGMA_UNROLL
   for (int h = 0; h < 2; ++h) {
     bwd_coeffs(quad_sum(sumsq[h]), sc * quad_sum(x_acc[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
     a[h] *= sc;
     q_acc[h] = quad_sum(q_acc[h]);
     const int t = t0 + get<0>(coord(2 * h));
-    valid[h] = t < p.T;
-    out[h] = dx0 + int64_t(t) * row_stride;
-    if (valid[h] && threadIdx.x % 4 == 0)  // one lane per row
+    if (t < p.T && threadIdx.x % 4 == 0)  // one lane per row
       p.rowdot[(int64_t(b) * p.N + n) * p.T + t] = q_acc[h];
   }
-  const int c0 = get<1>(coord(0));  // the thread's first column; the others at fixed offsets
-  CUTLASS_PRAGMA_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    if (!valid[h]) continue;
-    T* row = out[h] + c0;
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = h; j < kPairs; j += 2) {
-      const float2 x = MmaOp<T>::unpack(x2[j]);
-      *reinterpret_cast<uint32_t*>(row + (get<1>(coord(2 * j)) - c0)) =
-          MmaOp<T>::pack(a[h] * acc(2 * j) - bx[h] * x.x, a[h] * acc(2 * j + 1) - bx[h] * x.y);
-    }
-  }
+  const int64_t row_stride = int64_t(p.N) * D;
+  T* dx = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T + t0) * row_stride + int64_t(n) * D;
+  store_acc_pairs(dx, row_stride, p.T - t0, coord, [&](int j) {
+    const int h = j & 1;
+    const float2 x = MmaOp<T>::unpack(x2[j]);
+    return MmaOp<T>::pack(a[h] * acc(2 * j) - bx[h] * x.x, a[h] * acc(2 * j + 1) - bx[h] * x.y);
+  });
 }
 
 template <class Tr>
@@ -365,14 +354,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     return;
   }
   // dq_acc rows (unscaled, f32): plain stores, every row of the tile (zeros where no key).
-  float* dq = p.dq_acc + (int64_t(b) * p.T * p.N + n) * D;
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(tdQrdQ); i += 2) {
-    const int t = t0 + get<0>(tdQc(i));
-    if (t < p.T)
-      *reinterpret_cast<float2*>(dq + int64_t(t) * p.N * D + get<1>(tdQc(i))) =
-          make_float2(tdQrdQ(i), tdQrdQ(i + 1));
-  }
+  const int64_t row_stride = int64_t(p.N) * D;
+  float* dq = p.dq_acc + (int64_t(b) * p.T + t0) * row_stride + int64_t(n) * D;
+  store_acc_pairs(dq, row_stride, p.T - t0, tdQc,
+                  [&](int j) { return make_float2(tdQrdQ(2 * j), tdQrdQ(2 * j + 1)); });
 }
 
 }  // namespace jca::sm90

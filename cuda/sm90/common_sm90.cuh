@@ -167,6 +167,28 @@ __device__ __forceinline__ void load_acc_pairs(uint32_t smem, const Coord& coord
   }
 }
 
+// Stores a thread's share of a warpgroup's m64 accumulator tile, pair by pair: pair j holds
+// columns (c, c + 1) of the thread's row j & 1 (the ((2, 2, N/8)) order), pair(j) gives what to
+// write there (a packed 16-bit pair or a float2). out points at tile row 0, column 0; rows from
+// `rows` on are skipped. One validity test and one address per row (a test, a branch and a
+// 64-bit address per pair: ≈ 16 instructions a pair before).
+template <class Elem, class Coord, class Pair>
+__device__ __forceinline__ void store_acc_pairs(Elem* out, int64_t row_stride, int rows,
+                                                const Coord& coord, Pair&& pair) {
+  constexpr int kPairs = decltype(size(coord))::value / 2;
+  using V = decltype(pair(0));
+  const int c0 = get<1>(coord(0));
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int r = get<0>(coord(2 * h));
+    if (r >= rows) continue;
+    Elem* row = out + int64_t(r) * row_stride + c0;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = h; j < kPairs; j += 2)
+      *reinterpret_cast<V*>(row + (get<1>(coord(2 * j)) - c0)) = pair(j);
+  }
+}
+
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
 // layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
 template <class Layout>

@@ -461,15 +461,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
     }
     const int64_t qrow = int64_t(p.N) * D;
-    T* ob = static_cast<T*>(p.o) + int64_t(b) * p.T * qrow + int64_t(n) * D;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tOrO); i += 2) {
-      const int h = (i >> 1) & 1;
-      const int t = t0 + get<0>(tOcO(i));
-      if (t < p.T)
-        *reinterpret_cast<uint32_t*>(ob + int64_t(t) * qrow + get<1>(tOcO(i))) =
-            MmaOp<T>::pack(tOrO(i) * inv[h], tOrO(i + 1) * inv[h]);
-    }
+    T* ob = static_cast<T*>(p.o) + (int64_t(b) * p.T + t0) * qrow + int64_t(n) * D;
+    store_acc_pairs(ob, qrow, p.T - t0, tOcO, [&](int j) {
+      return MmaOp<T>::pack(tOrO(2 * j) * inv[j & 1], tOrO(2 * j + 1) * inv[j & 1]);
+    });
     if (lane % 4 == 0) {
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
