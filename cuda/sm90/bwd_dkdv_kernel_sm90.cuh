@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     store_acc_pairs(dkb, krow, p.S - s0, tKVc,
                     [&](int j) { return MmaOp<T>::pack(tdKrdK(2 * j), tdKrdK(2 * j + 1)); });
-  } else {  // dK and dV pair by pair (stored one after the other, the plain kernel spills 8 B)
+  } else {  // dK and dV pair by pair: stored one after the other, dK/dV spilled in the main loop
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdKrdK); i += 2) {
       const int s = get<0>(tKVc(i));

@@ -170,8 +170,8 @@ __device__ __forceinline__ void load_acc_pairs(uint32_t smem, const Coord& coord
 // Stores a thread's share of a warpgroup's m64 accumulator tile, pair by pair: pair j holds
 // columns (c, c + 1) of the thread's row j & 1 (the ((2, 2, N/8)) order), pair(j) gives what to
 // write there (a packed 16-bit pair or a float2). out points at tile row 0, column 0; rows from
-// `rows` on are skipped. One validity test and one address per row (a test, a branch and a
-// 64-bit address per pair: ≈ 16 instructions a pair before).
+// `rows` on are skipped. One validity test and one address per row; a test, a branch and a
+// 64-bit address per pair cost ≈ 16 instructions a pair.
 template <class Elem, class Coord, class Pair>
 __device__ __forceinline__ void store_acc_pairs(Elem* out, int64_t row_stride, int rows,
                                                 const Coord& coord, Pair&& pair) {
