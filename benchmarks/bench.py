@@ -138,6 +138,14 @@ def flops(B, H, T, S, D, causal, mode):
     return f * {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}[mode]
 
 
+def write_table(lines, path):
+    """Prints a markdown table (its lines) and writes it to path."""
+    table = "\n".join(lines)
+    print(table)
+    with open(path, "w") as fh:
+        fh.write(table + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
@@ -257,10 +265,7 @@ def main(argv=None):
         spread = (f"{100 * (max(rounds) - min(rounds)) / r['ms']:.1f} %" if len(rounds) > 1 else "")
         lines.append(f"| {r['D']} | {r['B']} | {r['T']} | {r['mode']} | {r['path']} | {ms} | {spread} | {tf} "
                      f"| {sp} | {tm} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(a.out, f"bench_{tag}.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_table(lines, os.path.join(a.out, f"bench_{tag}.md"))
 
     try:
         import matplotlib

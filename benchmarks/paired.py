@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import error_text, flops, l2n, make_fn  # noqa: E402
+from bench import error_text, flops, l2n, make_fn, write_table  # noqa: E402
 
 
 def sample_ms(fn, args, inner, lead):
@@ -150,10 +150,7 @@ def main(argv=None):
             continue
         lines.append(f"| {r['D']} | {r['N']} | {r['mode']} | {r['path']} | {r['ms']:.3f} "
                      f"| {r['tflops']:.0f} | {speedup_text(r)} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(a.out, f"{tag}.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_table(lines, os.path.join(a.out, f"{tag}.md"))
 
 
 if __name__ == "__main__":
