@@ -9,6 +9,8 @@
 // A 16xN accumulator (N/8 C tiles) converts to N/16 A fragments of the next product without any
 // data movement (FA2's register-reuse trick): see acc_to_a().
 #pragma once
+#include <climits>
+
 #include "ptx.cuh"
 #include "jca.h"
 
@@ -290,19 +292,25 @@ __device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
 struct RowLimits {
   int T, S, qlen, kvlen;
   bool causal;
-  __device__ __forceinline__ int operator()(int t) const {
+  __host__ __device__ __forceinline__ int operator()(int t) const {
     if (t >= qlen) return 0;
     int l = kvlen;
     if (causal) l = min(l, t + S - T + 1);
     return max(l, 0);
   }
   // First query row that may attend key s (causal), else 0.
-  __device__ __forceinline__ int first_row(int s) const {
+  __host__ __device__ __forceinline__ int first_row(int s) const {
     return causal ? max(0, s - (S - T)) : 0;
+  }
+  // The rows that see key s are [first_seeing_row(s), qlen) (none past kvlen): the same test as
+  // s < (*this)(t), with one per-key bound instead of the per-row min / max.
+  __host__ __device__ __forceinline__ int first_seeing_row(int s) const {
+    return s < kvlen ? first_row(s) : INT_MAX;
   }
   // The query tiles (of `rows` rows) that can see a key of the key tile starting at s0:
   // [begin, begin + count); count is 0 when the tile holds no valid key or no row is valid.
-  __device__ __forceinline__ void query_tiles(int s0, int rows, int& begin, int& count) const {
+  __host__ __device__ __forceinline__ void query_tiles(int s0, int rows, int& begin,
+                                                       int& count) const {
     begin = 0;
     count = 0;
     if (s0 < kvlen && qlen > 0) {

@@ -273,9 +273,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Keys of this warpgroup: s0 + 64 * (wg - 1) + [0, 64); this thread's two key rows.
   const int wg_key0 = s0 + 64 * (wg - 1);
-  int keys[2];
+  // Query rows seeing each of them: [first_seen[h], qlen).
+  int first_seen[2];
   CUTLASS_PRAGMA_UNROLL
-  for (int h = 0; h < 2; ++h) keys[h] = s0 + get<0>(tScS(2 * h));
+  for (int h = 0; h < 2; ++h) first_seen[h] = L.first_seeing_row(s0 + get<0>(tScS(2 * h)));
 
   Tensor rP = make_tensor_like<Element>(new_s());
   Tensor rdS = make_tensor_like<Element>(new_s());
@@ -306,6 +307,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // the warp samples). The 128-query steps at D = 64 would spill 500+ bytes.
     constexpr int kAcc = decltype(size(tSrS))::value;
     constexpr bool kStatsInRegs = kAcc <= 32;
+    // With 128-query steps the packed P^T, born while S^T and dP^T are live, pushed the peak past
+    // the register budget (spills): there P^T is packed next to dS^T, as S^T dies.
+    constexpr bool kPackPLate = !kStatsInRegs;
     float lse_r[kStatsInRegs ? kAcc : 1], delta_r[kStatsInRegs ? kAcc : 1];
     auto stage_stats = [&](float(&dst)[kStatsInRegs ? kAcc : 1], const float* row) {
       if constexpr (kStatsInRegs) {
@@ -325,6 +329,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // the second product.
       warpgroup_wait<1>();
       warpgroup_fence_operand(tSrS);
+      // the tile's columns q that see this thread's keys: [row_lo[h], row_hi)
+      const int row_lo[2] = {first_seen[0] - t0, first_seen[1] - t0}, row_hi = L.qlen - t0;
       auto exps = [&](auto chk) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); i += 2) {
@@ -332,14 +338,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           for (int e = 0; e < 2; ++e) {
             const int q = get<1>(tScS(i + e));
             float x = ex2(fmaf(tSrS(i + e), c2, -(kStatsInRegs ? lse_r[i + e] : ss.lse2[st][q])));
-            if constexpr (decltype(chk)::value) x = keys[(i >> 1) & 1] < L(t0 + q) ? x : 0.f;
+            if constexpr (decltype(chk)::value)
+              x = q >= row_lo[(i >> 1) & 1] && q < row_hi ? x : 0.f;
             tSrS(i + e) = x;
           }
-          dp_[i / 2] = MmaOp<T>::pack(tSrS(i), tSrS(i + 1));
+          if constexpr (!kPackPLate) dp_[i / 2] = MmaOp<T>::pack(tSrS(i), tSrS(i + 1));
         }
       };
-      if (check) exps(BoolC<true>{});
-      else exps(BoolC<false>{});
+      if constexpr (kPackPLate) {  // one body for the exponentials, the mask as its own pass
+        exps(BoolC<false>{});
+        if (check) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) {
+            const int q = get<1>(tScS(i));
+            tSrS(i) = q >= row_lo[(i >> 1) & 1] && q < row_hi ? tSrS(i) : 0.f;
+          }
+        }
+      } else if (check) {
+        exps(BoolC<true>{});
+      } else {
+        exps(BoolC<false>{});
+      }
       stage_stats(delta_r, ss.delta[st]);  // while dP^T is still in flight
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrdP);
@@ -351,6 +370,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           for (int e = 0; e < 2; ++e)
             dsv[e] = tSrS(i + e) * (tSrdP(i + e) - (kStatsInRegs ? delta_r[i + e]
                                                                  : ss.delta[st][get<1>(tScS(i + e))]));
+          if constexpr (kPackPLate) dp_[i / 2] = MmaOp<T>::pack(tSrS(i), tSrS(i + 1));
           if constexpr (decltype(scaled)::value)
             dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
           else
