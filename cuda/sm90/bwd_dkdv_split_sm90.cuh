@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Each role compiled on its own: with the role a run-time value, ptxas kept both roles'
   // accumulators apart and serialised every wgmma (C7512).
-  auto consume = [&](auto role) {
+  auto consume = [&](auto role) __attribute__((always_inline)) {
     constexpr bool kP = decltype(role)::value;
     typename Tr::MmaSdP mma_sdp;
     typename Tr::MmaKV mma_kv;
@@ -149,28 +149,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         first_seen[h][r] = L.first_seeing_row(s0 + 64 * h + get<0>(tScS(2 * r)));
     const bool one_scale = group_shares_scale(p, kh);  // dK scaled once in the epilogue
 
-    if (steps > 0) FullBar::wait(&ss.kv_full, 0);
-    QueryStep at{};
-    for (int step = 0; step < steps; ++step) {
-      at = divided(step);
+    // Steps run in pairs: the first step of a pair ends without a wait, so the second step's
+    // first products queue behind its dV / dK and the warpgroup's queue does not drain; only the
+    // pair ends with a full wait. (Carried across the loop's back edge, products in flight or
+    // their A operands made ptxas serialise every wgmma: C7512 / C7514.)
+    // kAfterOpen: the step before ended without a wait (its stage is released here).
+    auto run_step = [&](int step, auto after_open, auto end_wait) __attribute__((always_inline)) {
+      constexpr bool kAfterOpen = decltype(after_open)::value;
+      constexpr bool kEndWait = decltype(end_wait)::value;
+      const QueryStep at = divided(step);
       const int st = step % STAGES, par = step & 1;
       const int n = at.n, t0 = at.tq0;
       const float sc = p.scale[n];
+      const int st_prev = (step + STAGES - 1) % STAGES;
       FullBar::wait(&ss.q_full[st], (step / STAGES) & 1);
       STensor s0acc = new_s();  // S^T_h (P side) or dP^T_h (dS side)
       STensor s1acc = new_s();
       wg_gemm<true, false>(mma_sdp, tSrA0, tSrB(_, _, _, st), s0acc);
       wg_gemm<true, false>(mma_sdp, tSrA1, tSrB(_, _, _, st), s1acc);
-      // this thread's lse2 (P side) or delta (dS side) per accumulator column, read while the
-      // products run (repeated columns share a load)
-      float stat[kAcc];
-      {
-        const float* row = kP ? ss.lse2[st] : ss.delta[st];
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kAcc; ++i) stat[i] = row[get<1>(tScS(i))];
-      }
+      // lse2 (P side) or delta (dS side) of an accumulator column, read where used (held in
+      // registers across the step, they left too few for the products in flight)
+      const float* stat_row = kP ? ss.lse2[st] : ss.delta[st];
+      auto stat = [&](int i) { return stat_row[get<1>(tScS(i))]; };
       float2* pbuf0 = reinterpret_cast<float2*>(ss.p[par][0]) + wtid;  // pair j at [j * 128]
       float2* pbuf1 = reinterpret_cast<float2*>(ss.p[par][1]) + wtid;
+      warpgroup_wait<1>();  // S^T_0 / dP^T_0, and the products of the step before
+      warpgroup_fence_operand(s0acc);
+      if constexpr (kAfterOpen) EmptyBar::arrive(&ss.q_empty[st_prev]);
       if constexpr (kP) {
         const float c2 = sc * kLog2e;
         // Every (key, query) of the tile is valid unless it crosses a row limit.
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             float x[2];
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < 2; ++e) {
-              x[e] = ex2(fmaf(acc(i + e), c2, -stat[i + e]));
+              x[e] = ex2(fmaf(acc(i + e), c2, -stat(i + e)));
               if constexpr (decltype(chk)::value) {
                 const int q = get<1>(tScS(i + e));
                 x[e] = q >= lo[(i >> 1) & 1] - t0 && q < L.qlen - t0 ? x[e] : 0.f;
@@ -193,8 +198,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             packed[i / 2] = MmaOp<T>::pack(x[0], x[1]);
           }
         };
-        warpgroup_wait<1>();  // S^T_0 (S^T_1 in flight)
-        warpgroup_fence_operand(s0acc);
         if (check) half(s0acc, r0, pbuf0, first_seen[0], BoolC<true>{});
         else half(s0acc, r0, pbuf0, first_seen[0], BoolC<false>{});
         named_bar_arrive(bar_full(par, 0), 256);
@@ -211,7 +214,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < kAcc; i += 2) {
             const float2 pv = buf[(i / 2) * 128];
-            float d0 = pv.x * (acc(i) - stat[i]), d1 = pv.y * (acc(i + 1) - stat[i + 1]);
+            float d0 = pv.x * (acc(i) - stat(i)), d1 = pv.y * (acc(i + 1) - stat(i + 1));
             if constexpr (decltype(scaled)::value) {
               d0 *= sc;
               d1 *= sc;
@@ -219,8 +222,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             packed[i / 2] = MmaOp<T>::pack(d0, d1);
           }
         };
-        warpgroup_wait<1>();  // dP^T_0 (dP^T_1 in flight)
-        warpgroup_fence_operand(s0acc);
         named_bar_sync(bar_full(par, 0), 256);
         if (one_scale) half(s0acc, r0, pbuf0, BoolC<false>{});
         else half(s0acc, r0, pbuf0, BoolC<true>{});
@@ -233,9 +234,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (step + 2 < steps) named_bar_arrive(bar_empty(par), 256);  // warpgroup 1 rewrites it
         wg_gemm<false, true>(mma_kv, tKVr1, tKVrBt(_, _, _, st), acc1);
       }
-      warpgroup_wait<0>();
-      EmptyBar::arrive(&ss.q_empty[st]);
+      if constexpr (kEndWait) {
+        warpgroup_wait<0>();
+        EmptyBar::arrive(&ss.q_empty[st]);
+      } else {
+        warpgroup_wait<1>();  // dV_0 / dK_0: r0 is free (with it in flight too, the registers
+                              // of the next step's products did not fit)
+      }
+    };
+    if (steps > 0) FullBar::wait(&ss.kv_full, 0);
+    int step = 0;
+    for (; step + 1 < steps; step += 2) {
+      run_step(step, BoolC<false>{}, BoolC<false>{});
+      run_step(step + 1, BoolC<true>{}, BoolC<true>{});
     }
+    if (step < steps) run_step(step, BoolC<false>{}, BoolC<true>{});
 
     // ------------------------------------------------------------------ epilogue: dV or dK
     // accumulator coordinates of half h within the CTA's 128 x D tile
