@@ -27,7 +27,6 @@ namespace jca::sm90 {
 template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
   static constexpr bool kFuseDq = FuseDq_;
-  static constexpr bool kSplitRoles = false;  // see BwdDkvSplitTraits
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -122,76 +121,6 @@ struct BwdDkvArgs {
   Params p;
 };
 
-// The producer warp of both dK/dV kernels: K and V (and, kNorm, the raw k rows) once, then each
-// step's Q and dO tiles by TMA into the ring, its lanes staging the tile's lse2 / delta rows.
-template <class Tr, bool kNorm, class Storage, class Divided>
-__device__ __forceinline__ void dkdv_producer(const BwdDkvArgs<Tr>& args, Storage& ss, int kh,
-                                              int b, int steps, const QuerySteps& walk,
-                                              Divided&& divided) {
-  using FullBar = cutlass::arch::ClusterTransactionBarrier;
-  using EmptyBar = cutlass::arch::ClusterBarrier;
-  constexpr int D = Tr::D, BN = Tr::BN, BM = Tr::BM, STAGES = Tr::STAGES;
-  constexpr bool kWalk = BM == 128;
-  const Params& p = args.p;
-  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
-  const float* delta_g = static_cast<const float*>(p.workspace);
-  const float* lse2_g = delta_g + rows_total;
-  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutKV{});
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
-  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
-  const int lane = threadIdx.x % 32;
-  const bool leader = lane == 0;
-  Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
-  Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
-  Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
-  Tensor mV = args.tma_v.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
-  auto tq = args.tma_q.get_slice(_0{});
-  auto tdo = args.tma_do.get_slice(_0{});
-  if (leader) {
-    auto tk = args.tma_k.get_slice(_0{});
-    auto tv = args.tma_v.get_slice(_0{});
-    const auto kv_tile = make_coord(int(blockIdx.x), _0{});
-    Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
-    Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
-    FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
-    copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
-    copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
-    if constexpr (kNorm) {  // raw k rows for the epilogue: land while the main loop runs
-      Tensor mKr = args.tma_k_raw.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
-      Tensor gKr = local_tile(mKr(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
-      Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
-      auto tkr = args.tma_k_raw.get_slice(_0{});
-      FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kKVBytes);
-      copy(args.tma_k_raw.with(ss.raw_full, 0), tkr.partition_S(gKr), tkr.partition_D(sKr));
-    }
-  }
-  Tensor tQs = tq.partition_D(sQ);    // (TMA, TMA_M, TMA_K, STAGES)
-  Tensor tdOs = tdo.partition_D(sdO);
-  QueryStep at = walk.first(kh * p.hpk);
-  for (int step = 0; step < steps; ++step, at = walk.next(at)) {
-    if constexpr (!kWalk) at = divided(step);
-    const int st = step % STAGES;
-    const int n = at.n, m = at.tq0 / BM;
-    if (step >= STAGES) EmptyBar::wait(&ss.q_empty[st], ((step / STAGES) - 1) & 1);
-    // lse2 / delta of the tile's rows (rows past T: lse2 = +inf -> P = 0)
-    const int64_t row0 = (int64_t(b) * p.N + n) * p.T;
-    for (int r = lane; r < BM; r += 32) {
-      const int t = m * BM + r;
-      ss.lse2[st][r] = t < p.T ? lse2_g[row0 + t] : INFINITY;
-      ss.delta[st][r] = t < p.T ? delta_g[row0 + t] : 0.f;
-    }
-    if (!leader) FullBar::arrive(&ss.q_full[st]);
-    if (leader) {
-      Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
-      Tensor gdO = local_tile(mdO(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
-      FullBar::arrive_and_expect_tx(&ss.q_full[st], 2 * Tr::kQBytes);
-      copy(args.tma_q.with(ss.q_full[st], 0), tq.partition_S(gQ), tQs(_, _, _, st));
-      copy(args.tma_do.with(ss.q_full[st], 0), tdo.partition_S(gdO), tdOs(_, _, _, st));
-    }
-  }
-}
-
 // kNorm: the l2norm backward of k fused into the epilogue (Params::k_raw set; never with
 // FuseDq); a separate instantiation, so the plain kernel carries none of it.
 template <class Tr, bool kNorm>
@@ -227,6 +156,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     return QueryStep{kh * p.hpk + step / mtiles, (m_begin + step % mtiles) * BM};
   };
   const int wg = uniform_warpgroup();
+  const int64_t rows_total = int64_t(p.B) * p.N * p.T;
+  const float* delta_g = static_cast<const float*>(p.workspace);
+  const float* lse2_g = delta_g + rows_total;
 
   if (threadIdx.x == 0) {
     FullBar::init(&ss.kv_full, 1);
@@ -252,8 +184,57 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x / 32 == 0 && steps > 0)
-      dkdv_producer<Tr, kNorm>(args, ss, kh, b, steps, walk, divided);
+    if (threadIdx.x / 32 != 0 || steps == 0) return;
+    const int lane = threadIdx.x % 32;
+    const bool leader = lane == 0;
+    Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+    Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.T, Int<D>{}, p.N, p.B));
+    Tensor mK = args.tma_k.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+    Tensor mV = args.tma_v.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+    auto tq = args.tma_q.get_slice(_0{});
+    auto tdo = args.tma_do.get_slice(_0{});
+    if (leader) {
+      auto tk = args.tma_k.get_slice(_0{});
+      auto tv = args.tma_v.get_slice(_0{});
+      const auto kv_tile = make_coord(int(blockIdx.x), _0{});
+      Tensor gK = local_tile(mK(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+      Tensor gV = local_tile(mV(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+      FullBar::arrive_and_expect_tx(&ss.kv_full, 2 * Tr::kKVBytes);
+      copy(args.tma_k.with(ss.kv_full, 0), tk.partition_S(gK), tk.partition_D(sK));
+      copy(args.tma_v.with(ss.kv_full, 0), tv.partition_S(gV), tv.partition_D(sV));
+      if constexpr (kNorm) {  // raw k rows for the epilogue: land while the main loop runs
+        Tensor mKr = args.tma_k_raw.get_tma_tensor(make_shape(p.S, Int<D>{}, p.KH, p.B));
+        Tensor gKr = local_tile(mKr(_, _, kh, b), Shape<Int<BN>, Int<D>>{}, kv_tile);
+        Tensor sKr = make_tensor(make_smem_ptr(ss.raw.k.data()), typename Tr::SmemLayoutKV{});
+        auto tkr = args.tma_k_raw.get_slice(_0{});
+        FullBar::arrive_and_expect_tx(&ss.raw_full, Tr::kKVBytes);
+        copy(args.tma_k_raw.with(ss.raw_full, 0), tkr.partition_S(gKr), tkr.partition_D(sKr));
+      }
+    }
+    Tensor tQs = tq.partition_D(sQ);    // (TMA, TMA_M, TMA_K, STAGES)
+    Tensor tdOs = tdo.partition_D(sdO);
+    QueryStep at = walk.first(kh * p.hpk);
+    for (int step = 0; step < steps; ++step, at = walk.next(at)) {
+      if constexpr (!kWalk) at = divided(step);
+      const int st = step % STAGES;
+      const int n = at.n, m = at.tq0 / BM;
+      if (step >= STAGES) EmptyBar::wait(&ss.q_empty[st], ((step / STAGES) - 1) & 1);
+      // lse2 / delta of the tile's rows (rows past T: lse2 = +inf -> P = 0)
+      const int64_t row0 = (int64_t(b) * p.N + n) * p.T;
+      for (int r = lane; r < BM; r += 32) {
+        const int t = m * BM + r;
+        ss.lse2[st][r] = t < p.T ? lse2_g[row0 + t] : INFINITY;
+        ss.delta[st][r] = t < p.T ? delta_g[row0 + t] : 0.f;
+      }
+      if (!leader) FullBar::arrive(&ss.q_full[st]);
+      if (leader) {
+        Tensor gQ = local_tile(mQ(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
+        Tensor gdO = local_tile(mdO(_, _, n, b), Shape<Int<BM>, Int<D>>{}, make_coord(m, _0{}));
+        FullBar::arrive_and_expect_tx(&ss.q_full[st], 2 * Tr::kQBytes);
+        copy(args.tma_q.with(ss.q_full[st], 0), tq.partition_S(gQ), tQs(_, _, _, st));
+        copy(args.tma_do.with(ss.q_full[st], 0), tdo.partition_S(gdO), tdOs(_, _, _, st));
+      }
+    }
     return;
   }
 
