@@ -24,11 +24,9 @@
 
 namespace jca::sm90 {
 
-// Ahead_: the producer-less kernel of bwd_dkdv_ahead_sm90.cuh (64-query steps, no FuseDq).
-template <int D_, typename T_, bool FuseDq_ = false, bool Ahead_ = false>
+template <int D_, typename T_, bool FuseDq_ = false>
 struct BwdDkvTraits {
   static constexpr bool kFuseDq = FuseDq_;
-  static constexpr bool kIssueAhead = Ahead_;
   using T = T_;
   using Element = typename CuteType<T>::type;
   static constexpr int D = D_;
@@ -36,11 +34,8 @@ struct BwdDkvTraits {
   // Query rows per step: 128 at D = 64 (S^T, dP^T as m64n128 products, half the steps: -15 %
   // bwd time measured against 64; the accumulators do not fit at D = 128, nor with FuseDq).
   static constexpr int BM = (D <= 64 && !FuseDq_) ? 128 : 64;
-  static_assert(!Ahead_ || (BM == 64 && !FuseDq_));
-  // Ahead_: a step holds two Q/dO stages (see that kernel), so the ring has a third for the
-  // next load; the two consumer warpgroups are the whole CTA (255 registers a thread).
-  static constexpr int STAGES = Ahead_ ? 3 : 2;
-  static constexpr int kThreads = Ahead_ ? 256 : 128 * 3;
+  static constexpr int STAGES = 2;
+  static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
   // 24*128 + 240*256 = what the launch's 168*384 frees and takes: setmaxnreg.inc of the consumers
   // spins forever unless the producer gives back at least that much (32 here hangs the CTA).
@@ -114,7 +109,6 @@ struct BwdDkvTraits {
     float lse2[STAGES][BM], delta[STAGES][BM];
     alignas(8) uint64_t kv_full, raw_full;
     uint64_t q_full[STAGES], q_empty[STAGES];
-    int next_load;  // Ahead_: the next step warp 0 loads (in smem: no register in the loop)
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
 };
@@ -126,69 +120,6 @@ struct BwdDkvArgs {
   typename Tr::TmaDq tma_dq;  // read by the FuseDq kernel only
   Params p;
 };
-
-// Epilogue of the dK/dV kernels: dV and dK (scaled once when the group shares its scale) of the
-// CTA's key tile, or with kNorm d k_raw (the l2norm backward of each key row, from the raw k
-// tile that Params::k_raw brought into smem) instead of dK. `loaded`: the CTA ran a step (else
-// dK, dV are zero and the raw tile was never loaded).
-template <class Tr, bool kNorm, class Acc, class Coord>
-__device__ __forceinline__ void store_dkdv(const Params& p, typename Tr::SharedStorage& ss,
-                                           Acc& tdKrdK, Acc& tdVrdV, const Coord& tKVc, int s0,
-                                           int kh, int b, bool loaded, bool one_scale) {
-  using T = typename Tr::T;
-  constexpr int D = Tr::D;
-  if (one_scale) {
-    const float sc0 = p.scale[kh * p.hpk];
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdKrdK); ++i) tdKrdK(i) *= sc0;
-  }
-  const int64_t krow = int64_t(p.KH) * D;
-  T* dkb = static_cast<T*>(p.dk) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;  // row s0
-  T* dvb = static_cast<T*>(p.dv) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;
-  if constexpr (kNorm) {
-    // dV first: its registers are free for the l2norm backward of dK below.
-    store_acc_pairs(dvb, krow, p.S - s0, tKVc,
-                    [&](int j) { return MmaOp<T>::pack(tdVrdV(2 * j), tdVrdV(2 * j + 1)); });
-    // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
-    if (loaded) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&ss.raw_full, 0);
-      constexpr int kPairs = decltype(size(tdKrdK))::value / 2;
-      uint32_t x2[kPairs];  // the raw k elements at this thread's dK ones, in pairs
-      load_acc_pairs<typename Tr::SmemLayoutKV>(smem_u32(ss.raw.k.data()), tKVc, x2);
-      float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPairs; ++j) {  // (rows past S: zero-filled, dK zero)
-        const int h = j & 1;
-        const float2 x = MmaOp<T>::unpack(x2[j]);
-        sumsq[h] += x.x * x.x + x.y * x.y;
-        x_dk[h] += x.x * tdKrdK(2 * j) + x.y * tdKrdK(2 * j + 1);
-      }
-      float a[2], bx[2];  // dk = a dK - bx k per key row (bwd_coeffs)
-      CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h)
-        bwd_coeffs(quad_sum(sumsq[h]), quad_sum(x_dk[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPairs; ++j) {
-        const int h = j & 1;
-        const float2 x = MmaOp<T>::unpack(x2[j]);
-        tdKrdK(2 * j) = a[h] * tdKrdK(2 * j) - bx[h] * x.x;
-        tdKrdK(2 * j + 1) = a[h] * tdKrdK(2 * j + 1) - bx[h] * x.y;
-      }
-    }
-    store_acc_pairs(dkb, krow, p.S - s0, tKVc,
-                    [&](int j) { return MmaOp<T>::pack(tdKrdK(2 * j), tdKrdK(2 * j + 1)); });
-  } else {  // dK and dV pair by pair: stored one after the other, dK/dV spilled in the main loop
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int s = get<0>(tKVc(i));
-      if (s < p.S - s0) {
-        const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
-        *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
-        *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
-      }
-    }
-  }
-}
 
 // kNorm: the l2norm backward of k fused into the epilogue (Params::k_raw set; never with
 // FuseDq); a separate instantiation, so the plain kernel carries none of it.
@@ -504,7 +435,57 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if constexpr (Tr::kFuseDq) bulk_wait_all();  // staging tiles stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
-  store_dkdv<Tr, kNorm>(p, ss, tdKrdK, tdVrdV, tKVc, s0, kh, b, steps > 0, one_scale);
+  if (one_scale) {
+    const float sc0 = p.scale[kh * p.hpk];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); ++i) tdKrdK(i) *= sc0;
+  }
+  const int64_t krow = int64_t(p.KH) * D;
+  T* dkb = static_cast<T*>(p.dk) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;  // row s0
+  T* dvb = static_cast<T*>(p.dv) + (int64_t(b) * p.S + s0) * krow + int64_t(kh) * D;
+  if constexpr (kNorm) {
+    // dV first: its registers are free for the l2norm backward of dK below.
+    store_acc_pairs(dvb, krow, p.S - s0, tKVc,
+                    [&](int j) { return MmaOp<T>::pack(tdVrdV(2 * j), tdVrdV(2 * j + 1)); });
+    // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
+    if (steps > 0) {
+      FullBar::wait(&ss.raw_full, 0);
+      constexpr int kPairs = decltype(size(tdKrdK))::value / 2;
+      uint32_t x2[kPairs];  // the raw k elements at this thread's dK ones, in pairs
+      load_acc_pairs<typename Tr::SmemLayoutKV>(smem_u32(ss.raw.k.data()), tKVc, x2);
+      float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kPairs; ++j) {  // (rows past S: zero-filled, dK zero)
+        const int h = j & 1;
+        const float2 x = MmaOp<T>::unpack(x2[j]);
+        sumsq[h] += x.x * x.x + x.y * x.y;
+        x_dk[h] += x.x * tdKrdK(2 * j) + x.y * tdKrdK(2 * j + 1);
+      }
+      float a[2], bx[2];  // dk = a dK - bx k per key row (bwd_coeffs)
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h)
+        bwd_coeffs(quad_sum(sumsq[h]), quad_sum(x_dk[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kPairs; ++j) {
+        const int h = j & 1;
+        const float2 x = MmaOp<T>::unpack(x2[j]);
+        tdKrdK(2 * j) = a[h] * tdKrdK(2 * j) - bx[h] * x.x;
+        tdKrdK(2 * j + 1) = a[h] * tdKrdK(2 * j + 1) - bx[h] * x.y;
+      }
+    }
+    store_acc_pairs(dkb, krow, p.S - s0, tKVc,
+                    [&](int j) { return MmaOp<T>::pack(tdKrdK(2 * j), tdKrdK(2 * j + 1)); });
+  } else {  // dK and dV pair by pair: stored one after the other, dK/dV spilled in the main loop
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int s = get<0>(tKVc(i));
+      if (s < p.S - s0) {
+        const int64_t off = int64_t(s) * krow + get<1>(tKVc(i));
+        *reinterpret_cast<uint32_t*>(dkb + off) = MmaOp<T>::pack(tdKrdK(i), tdKrdK(i + 1));
+        *reinterpret_cast<uint32_t*>(dvb + off) = MmaOp<T>::pack(tdVrdV(i), tdVrdV(i + 1));
+      }
+    }
+  }
   // Launched to overlap the dQ kernel (launch_dkdv): this CTA may not complete before it, or the
   // work after this kernel could read an unfinished dq.
   wait_for_previous_grid();

@@ -6,7 +6,7 @@
 // Instantiated in cuda/sm90/inst/bwd_*.cu.
 #pragma once
 #include "../bwd_kernel.cuh"
-#include "bwd_dkdv_ahead_sm90.cuh"
+#include "bwd_dkdv_kernel_sm90.cuh"
 #include "bwd_dq_kernel_sm90.cuh"
 
 namespace jca::sm90 {
@@ -58,14 +58,10 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
                     gmem_rows_view<float, D>(p.dq_acc, p.T, p.N, p.B),
                     typename Tr::SmemLayoutdQw{}, Shape<_16, Int<D / 2>>{}, _1{}),
       p};
-  auto kernel = [&] {
-    if constexpr (Tr::kIssueAhead)
-      return p.k_raw ? bwd_dkdv_ahead_kernel_sm90<Tr, true> : bwd_dkdv_ahead_kernel_sm90<Tr, false>;
-    else if constexpr (!Tr::kFuseDq)
-      return p.k_raw ? bwd_dkdv_kernel_sm90<Tr, true> : bwd_dkdv_kernel_sm90<Tr, false>;
-    else
-      return bwd_dkdv_kernel_sm90<Tr, false>;
-  }();
+  auto kernel = bwd_dkdv_kernel_sm90<Tr, false>;
+  if constexpr (!Tr::kFuseDq) {
+    if (p.k_raw) kernel = bwd_dkdv_kernel_sm90<Tr, true>;
+  }
   // The plain dK/dV kernel reads nothing the dQ kernel before it writes: its CTAs fill the SMs
   // that the dQ kernel's last wave leaves idle.
   return launch_big_smem(kernel, args,
@@ -88,8 +84,7 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   if (cudaError_t e = launch_preprocess<T>(p, stream); e != cudaSuccess) return e;
   if (!fused) {  // dQ by its own kernel, plain stores: bitwise reproducible
     if (cudaError_t e = launch_dq<BwdDqTraits<D, T>>(p, stream); e != cudaSuccess) return e;
-    // 64-query steps (D = 128): the kernel that issues the next step's products ahead
-    return launch_dkdv<BwdDkvTraits<D, T, false, BwdDkvTraits<D, T>::BM == 64>>(p, stream);
+    return launch_dkdv<BwdDkvTraits<D, T, false>>(p, stream);
   }
   // dQ reduced into dq_acc by every key tile's CTA (5 products instead of 7; summation order
   // varies from run to run).
