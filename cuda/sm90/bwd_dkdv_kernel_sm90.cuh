@@ -448,33 +448,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     store_acc_pairs(dvb, krow, p.S - s0, tKVc,
                     [&](int j) { return MmaOp<T>::pack(tdVrdV(2 * j), tdVrdV(2 * j + 1)); });
     // dk = d/d k_raw. Without steps dK is zero, so is dk, and nothing was loaded.
-    if (steps > 0) {
+    constexpr int kPairs = decltype(size(tdKrdK))::value / 2;
+    uint32_t x2[kPairs];  // the raw k elements at this thread's dK ones, in pairs
+    float a[2] = {0.f, 0.f}, bx[2] = {0.f, 0.f};  // dk = a dK - bx k per key row
+    if (steps > 0) {  // (rows past S: zero-filled, dK zero)
       FullBar::wait(&ss.raw_full, 0);
-      constexpr int kPairs = decltype(size(tdKrdK))::value / 2;
-      uint32_t x2[kPairs];  // the raw k elements at this thread's dK ones, in pairs
       load_acc_pairs<typename Tr::SmemLayoutKV>(smem_u32(ss.raw.k.data()), tKVc, x2);
-      float sumsq[2] = {0.f, 0.f}, x_dk[2] = {0.f, 0.f};
+      l2norm_bwd_coeffs<T>(tdKrdK, x2, 1.f, p.norm_eps * p.norm_eps, a, bx);
+    } else {
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPairs; ++j) {  // (rows past S: zero-filled, dK zero)
-        const int h = j & 1;
-        const float2 x = MmaOp<T>::unpack(x2[j]);
-        sumsq[h] += x.x * x.x + x.y * x.y;
-        x_dk[h] += x.x * tdKrdK(2 * j) + x.y * tdKrdK(2 * j + 1);
-      }
-      float a[2], bx[2];  // dk = a dK - bx k per key row (bwd_coeffs)
-      CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h)
-        bwd_coeffs(quad_sum(sumsq[h]), quad_sum(x_dk[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPairs; ++j) {
-        const int h = j & 1;
-        const float2 x = MmaOp<T>::unpack(x2[j]);
-        tdKrdK(2 * j) = a[h] * tdKrdK(2 * j) - bx[h] * x.x;
-        tdKrdK(2 * j + 1) = a[h] * tdKrdK(2 * j + 1) - bx[h] * x.y;
-      }
+      for (int j = 0; j < kPairs; ++j) x2[j] = 0u;
     }
     store_acc_pairs(dkb, krow, p.S - s0, tKVc,
-                    [&](int j) { return MmaOp<T>::pack(tdKrdK(2 * j), tdKrdK(2 * j + 1)); });
+                    [&](int j) { return l2norm_bwd_pair<T>(tdKrdK, x2, a, bx, j); });
   } else {  // dK and dV pair by pair: stored one after the other, dK/dV spilled in the main loop
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdKrdK); i += 2) {

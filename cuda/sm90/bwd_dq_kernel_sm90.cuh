@@ -84,40 +84,34 @@ __device__ __forceinline__ void store_dq_l2norm_bwd(const Params& p, const Acc& 
   const float sc = p.scale[n];
   // Pair j holds columns (c, c + 1) of row (j & 1): the accumulator's ((2, 2, N/8)) order.
   uint32_t x2[kPairs], q2[kPairs];
+  // dq = a dq_acc - bx x per row (dy = sc dq_acc); nothing loaded: dq_acc is zero, so is dq
+  // (also with eps = 0, where coefficients of the zero rows would be infinite)
+  float a[2] = {0.f, 0.f}, bx[2] = {0.f, 0.f};
   if (loaded) {
     load_acc_pairs<Layout>(sqr, coord, x2);
     load_acc_pairs<Layout>(sq, coord, q2);
+    l2norm_bwd_coeffs<T>(acc, x2, sc, p.norm_eps * p.norm_eps, a, bx);
   } else {
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < kPairs; ++j) x2[j] = q2[j] = 0u;
   }
-  float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f}, q_acc[2] = {0.f, 0.f};
+  float q_acc[2] = {0.f, 0.f};  // rowdot = <q, dq_acc> per row
   CUTLASS_PRAGMA_UNROLL
   for (int j = 0; j < kPairs; ++j) {
-    const int h = j & 1;
-    const float2 x = MmaOp<T>::unpack(x2[j]), q = MmaOp<T>::unpack(q2[j]);
-    const float g0 = acc(2 * j), g1 = acc(2 * j + 1);
-    sumsq[h] += x.x * x.x + x.y * x.y;
-    x_acc[h] += x.x * g0 + x.y * g1;
-    q_acc[h] += q.x * g0 + q.y * g1;
+    const float2 q = MmaOp<T>::unpack(q2[j]);
+    q_acc[j & 1] += q.x * acc(2 * j) + q.y * acc(2 * j + 1);
   }
-  float a[2], bx[2];  // dq = a dy - bx x per row (bwd_coeffs), dy = sc dq_acc
   CUTLASS_PRAGMA_UNROLL
   for (int h = 0; h < 2; ++h) {
-    bwd_coeffs(quad_sum(sumsq[h]), sc * quad_sum(x_acc[h]), p.norm_eps * p.norm_eps, a[h], bx[h]);
-    a[h] *= sc;
-    q_acc[h] = quad_sum(q_acc[h]);
     const int t = t0 + get<0>(coord(2 * h));
+    const float rd = quad_sum(q_acc[h]);
     if (t < p.T && threadIdx.x % 4 == 0)  // one lane per row
-      p.rowdot[(int64_t(b) * p.N + n) * p.T + t] = q_acc[h];
+      p.rowdot[(int64_t(b) * p.N + n) * p.T + t] = rd;
   }
   const int64_t row_stride = int64_t(p.N) * D;
   T* dx = static_cast<T*>(p.dq_norm) + (int64_t(b) * p.T + t0) * row_stride + int64_t(n) * D;
-  store_acc_pairs(dx, row_stride, p.T - t0, coord, [&](int j) {
-    const int h = j & 1;
-    const float2 x = MmaOp<T>::unpack(x2[j]);
-    return MmaOp<T>::pack(a[h] * acc(2 * j) - bx[h] * x.x, a[h] * acc(2 * j + 1) - bx[h] * x.y);
-  });
+  store_acc_pairs(dx, row_stride, p.T - t0, coord,
+                  [&](int j) { return l2norm_bwd_pair<T>(acc, x2, a, bx, j); });
 }
 
 template <class Tr>

@@ -189,6 +189,40 @@ __device__ __forceinline__ void store_acc_pairs(Elem* out, int64_t row_stride, i
   }
 }
 
+// The l2norm backward fused into the backward kernels' epilogues, for the two rows a thread
+// holds of an m64 accumulator tile (pair j: columns (c, c + 1) of row j & 1). acc: the gradient
+// of the normalised rows up to the factor gscale; x2: the raw rows' 16-bit pairs at the same
+// positions (zeros where nothing was loaded: acc is zero there too, and so is dx). Per row, dx =
+// a acc - bx x (bwd_coeffs, with gscale folded into a); the row sums are reduced over the quad
+// of lanes that holds the row.
+template <class T, class Acc, int N>
+__device__ __forceinline__ void l2norm_bwd_coeffs(const Acc& acc, const uint32_t (&x2)[N],
+                                                  float gscale, float eps2, float (&a)[2],
+                                                  float (&bx)[2]) {
+  float sumsq[2] = {0.f, 0.f}, x_acc[2] = {0.f, 0.f};
+  CUTLASS_PRAGMA_UNROLL
+  for (int j = 0; j < N; ++j) {
+    const int h = j & 1;
+    const float2 x = MmaOp<T>::unpack(x2[j]);
+    sumsq[h] += x.x * x.x + x.y * x.y;
+    x_acc[h] += x.x * acc(2 * j) + x.y * acc(2 * j + 1);
+  }
+  CUTLASS_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    bwd_coeffs(quad_sum(sumsq[h]), gscale * quad_sum(x_acc[h]), eps2, a[h], bx[h]);
+    a[h] *= gscale;
+  }
+}
+// dx of pair j, packed to 16 bits.
+template <class T, class Acc, int N>
+__device__ __forceinline__ uint32_t l2norm_bwd_pair(const Acc& acc, const uint32_t (&x2)[N],
+                                                    const float (&a)[2], const float (&bx)[2],
+                                                    int j) {
+  const int h = j & 1;
+  const float2 x = MmaOp<T>::unpack(x2[j]);
+  return MmaOp<T>::pack(a[h] * acc(2 * j) - bx[h] * x.x, a[h] * acc(2 * j + 1) - bx[h] * x.y);
+}
+
 // ((2,2,N/8), MMA_M, MMA_N) accumulator layout -> ((2,2,2), MMA_M, (N/16, MMA_N)) A-operand
 // layout of the next product: for 16-bit types the registers already sit where wgmma wants them.
 template <class Layout>

@@ -247,3 +247,36 @@ def test_fused_l2norm_backward_matches_unfused(dtype, H, deterministic, monkeypa
         else:
             err = np.abs(g - w) / max(np.abs(w).max(), 1e-3)
         assert err.max() < tol, (name, float(err.max()))
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_fused_l2norm_backward_eps0_rows_without_keys(H, monkeypatch):
+    """eps = 0 (no clamp) with query tiles that see no key (a batch without valid keys, and the
+    causal rows before the first key when T > S): their dq_acc is zero, and the fused epilogue
+    writes dq = 0 as the l2norm backward kernels do, not 0 * 1/sqrt(0) = NaN."""
+    dtype = jnp.bfloat16
+    if not _cuda.fuses_norm_bwd(H, dtype):
+        pytest.skip("needs the sm_90a two-kernel backward (an sm_90 device)")
+    import jax_cosine_attention as jca
+    rng = _rng()
+    B, T, S, N = 2, 300, 100, 2
+    q, k, v, ct = (jnp.asarray(rng.normal(size=shape), dtype) for shape in
+                   ((B, T, N, H), (B, S, N, H), (B, S, N, H), (B, T, N, H)))
+    kv_len = jnp.asarray([S, 0], jnp.int32)
+
+    def grads():
+        def loss(q, k, v):
+            out = jca.cosine_sim_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_len,
+                                           implementation="cuda", eps=0.0)
+            return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    fused = grads()
+    monkeypatch.setenv("JCA_FUSED_NORM_BWD", "0")
+    unfused = grads()
+    for name, g, w in zip(("dq", "dk", "dv"), fused, unfused):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, w, rtol=3e-2, atol=3e-2 * np.abs(w).max(), err_msg=name)
+    dq = np.asarray(fused[0], np.float32)
+    assert np.all(dq[1] == 0) and np.all(dq[0, : T - S] == 0)  # rows that see no key
