@@ -192,9 +192,9 @@ __device__ __forceinline__ void store_acc_pairs(Elem* out, int64_t row_stride, i
 // The l2norm backward fused into the backward kernels' epilogues, for the two rows a thread
 // holds of an m64 accumulator tile (pair j: columns (c, c + 1) of row j & 1). acc: the gradient
 // of the normalised rows up to the factor gscale; x2: the raw rows' 16-bit pairs at the same
-// positions (zeros where nothing was loaded: acc is zero there too, and so is dx). Per row, dx =
-// a acc - bx x (bwd_coeffs, with gscale folded into a); the row sums are reduced over the quad
-// of lanes that holds the row.
+// positions. Per row, dx = a acc - bx x (bwd_coeffs, with gscale folded into a); the row sums are
+// reduced over the quad of lanes that holds the row. (A tile that saw no key has acc = 0 and
+// nothing loaded: callers set a = bx = 0 there, as 1/sqrt(0) is infinite when eps = 0.)
 template <class T, class Acc, int N>
 __device__ __forceinline__ void l2norm_bwd_coeffs(const Acc& acc, const uint32_t (&x2)[N],
                                                   float gscale, float eps2, float (&a)[2],
