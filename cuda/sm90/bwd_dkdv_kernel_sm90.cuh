@@ -34,11 +34,7 @@ struct BwdDkvTraits {
   // Query rows per step: 128 at D = 64 (S^T, dP^T as m64n128 products, half the steps: -15 %
   // bwd time measured against 64; the accumulators do not fit at D = 128, nor with FuseDq).
   static constexpr int BM = (D <= 64 && !FuseDq_) ? 128 : 64;
-  // 64-query steps without FuseDq (D = 128): a warpgroup queues S^T, dP^T of step j + 1 with
-  // dV, dK of step j, dS^T going through shared memory (the consumer loop says why). Two steps'
-  // Q / dO tiles are then in use at once, so the ring has a third stage.
-  static constexpr bool kOverlapSteps = BM == 64 && !FuseDq_;
-  static constexpr int STAGES = kOverlapSteps ? 3 : 2;
+  static constexpr int STAGES = 2;
   static constexpr int kThreads = 128 * 3;
   static constexpr int kConsumerThreads = 256;
   // 24*128 + 240*256 = what the launch's 168*384 frees and takes: setmaxnreg.inc of the consumers
@@ -52,12 +48,6 @@ struct BwdDkvTraits {
   // dV += P^T dO, dK += dS^T Q: (keys, D, queries), A from registers, B = dO / Q MN-major.
   using MmaKV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
-      SplitM{}));
-
-  // kOverlapSteps: dK += dS^T Q with dS^T from shared memory (keys x queries, queries contiguous).
-  using MmaKss = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<BN>, Int<D>, Int<BM>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       SplitM{}));
 
@@ -100,13 +90,6 @@ struct BwdDkvTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     alignas(1024) cute::array_aligned<float, 8 * kDqWarpFloats> dq;  // 8 consumer warps
   };
-  // kOverlapSteps: dS^T of two steps (each warpgroup writes its 64 key rows), so the next step's
-  // dS^T is written while this step's dK product still reads the other buffer.
-  using SmemLayoutdStTile = decltype(tile_to_shape(AtomK{}, Shape<Int<BN>, Int<BM>>{}));
-  using SmemLayoutdStRing = decltype(tile_to_shape(AtomK{}, Shape<Int<BN>, Int<BM>, _2>{}));
-  struct DstStorage {
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdStRing>> ds;
-  };
   struct RawKStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
   };
@@ -123,13 +106,11 @@ struct BwdDkvTraits {
     std::conditional_t<kFuseDq, DqStorage, NoStorage> fused;
     // the raw k rows for the fused l2norm backward (Params::k_raw; never with FuseDq)
     std::conditional_t<kFuseDq, NoStorage, RawKStorage> raw;
-    std::conditional_t<kOverlapSteps, DstStorage, NoStorage> dst;
     float lse2[STAGES][BM], delta[STAGES][BM];
     alignas(8) uint64_t kv_full, raw_full;
     uint64_t q_full[STAGES], q_empty[STAGES];
   };
   static constexpr size_t kSmem = sizeof(SharedStorage);
-  static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KiB of shared memory per block");
 };
 
 template <class Tr>
@@ -304,141 +285,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const bool one_scale = group_shares_scale(p, kh);  // dK scaled once in the epilogue
 
-  if constexpr (Tr::kOverlapSteps) {
-    // Step j of a warpgroup issues S^T(j+1), dV(j), dP^T(j+1), dK(j) back to back, so P^T(j+1)
-    // is computed under dV(j) and dP^T(j+1), and dS^T(j+1) under dK(j): the warpgroup's own
-    // products cover its elementwise work (in the loop below only the exponentials are covered,
-    // by dP^T, and the two warpgroups do not hide each other's dS^T phase; benchmarks/NOTES.md,
-    // session 17). P^T stays a register operand, dS^T goes through shared memory: with both
-    // as register operands in flight the step needs ~256 registers (session 16, #55). Every
-    // product is waited for within its step, which keeps ptxas's wgmmas asynchronous.
-    using LayoutdSt = typename Tr::SmemLayoutdStTile;
-    typename Tr::MmaKss mma_kss;
-    auto wg_kss = mma_kss.get_slice((wg - 1) * 128);
-    Tensor sdSt = make_tensor(make_smem_ptr(ss.dst.ds.data()), typename Tr::SmemLayoutdStRing{});
-    Tensor tKsdSt = wg_kss.partition_fragment_A(sdSt);  // (MMA, M, K, 2)
-    Tensor tKsQt = wg_kss.partition_fragment_B(sQt);    // (MMA, N, K, STAGES)
-    const uint32_t ds_smem = smem_u32(ss.dst.ds.data());
-    constexpr uint32_t kDsBytes = cosize_v<LayoutdSt> * sizeof(Element);
-    const int bar_ds = 2 + (wg - 1);  // this warpgroup's 128 threads (0: __syncthreads, 1: FuseDq)
-    constexpr int kAcc = decltype(size(STensor{}))::value;
-
-    struct StepCtx {
-      int st, t0;
-      float sc, c2;
-      bool check;  // the warpgroup's block crosses a row limit
-    };
-    auto ctx_of = [&](int step) __attribute__((always_inline)) {
-      const QueryStep at = divided(step);
-      StepCtx c;
-      c.st = step % STAGES;
-      c.t0 = at.tq0;
-      c.sc = p.scale[at.n];
-      c.c2 = c.sc * kLog2e;
-      c.check = wg_key0 + 64 > min(L(at.tq0), L(at.tq0 + BM - 1));
-      return c;
-    };
-    // this thread's lse2 or delta values, one per accumulator column (repeats share a load),
-    // read while products run: read where used, the loads' latency sat on the chain (ncu)
-    float lse_r[kAcc], delta_r[kAcc];
-    auto stats = [&](float(&dst)[kAcc], const float* row) __attribute__((always_inline)) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; ++i) dst[i] = row[get<1>(tScS(i))];
-    };
-    // P^T = 2^(S^T c - lse2) in place; zero where the query does not see the key.
-    auto make_p = [&](STensor& s, const StepCtx& c) __attribute__((always_inline)) {
-      warpgroup_fence_operand(s);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kAcc; ++i) s(i) = ex2(fmaf(s(i), c.c2, -lse_r[i]));
-      if (c.check) {
-        const int row_lo[2] = {first_seen[0] - c.t0, first_seen[1] - c.t0};
-        const int row_hi = L.qlen - c.t0;
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kAcc; ++i) {
-          const int q = get<1>(tScS(i));
-          s(i) = q >= row_lo[(i >> 1) & 1] && q < row_hi ? s(i) : 0.f;
-        }
-      }
-    };
-    // P^T packed into the dV product's A registers (free: dV of the step before has completed);
-    // dS^T = P^T (dP^T - delta), times the head's scale unless the group shares it, into buffer
-    // buf of the dS^T ring. Pair by pair, so S^T's registers die as the packed ones are born.
-    // Pair j sits at rows r0 + 8 (j & 1), columns c0 + 8 (j >> 1): in this 128-byte wide,
-    // 128B-swizzled tile that is pair 0's offset + 1024 (j & 1), XOR 16 (j >> 1) (checked on the
-    // host by tests/cuda/smem_offsets_check.cu), so no per-pair address stays live.
-    static_assert(BM * sizeof(Element) == 128);
-    const uint32_t ds_pair0 =
-        ds_smem + smem_byte_offset<LayoutdSt>(get<0>(tScS(0)), get<1>(tScS(0)));
-    auto make_ds = [&](const STensor& s, STensor& dp, const StepCtx& c, int buf)
-                       __attribute__((always_inline)) {
-      warpgroup_fence_operand(dp);
-      warpgroup_fence_operand(rP);
-      uint32_t* dp_ = reinterpret_cast<uint32_t*>(raw_pointer_cast(rP.data()));
-      const uint32_t base = ds_pair0 + buf * kDsBytes;
-      auto body = [&](auto scaled) __attribute__((always_inline)) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < kAcc / 2; ++j) {
-          float d[2];
-          CUTLASS_PRAGMA_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            d[e] = s(2 * j + e) * (dp(2 * j + e) - delta_r[2 * j + e]);
-            if constexpr (decltype(scaled)::value) d[e] *= c.sc;
-          }
-          dp_[j] = MmaOp<T>::pack(s(2 * j), s(2 * j + 1));
-          // (no memory clobber: nothing but the dK wgmma reads the ring, after the fence below)
-          const uint32_t addr = (base + 1024 * (j & 1)) ^ ((j >> 1) << 4);
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(MmaOp<T>::pack(d[0], d[1])));
-        }
-      };
-      if (one_scale) body(BoolC<false>{});
-      else body(BoolC<true>{});
-      cutlass::arch::fence_view_async_shared();  // st.shared -> the dK wgmma (async proxy)
-    };
-
-    if (steps > 0) {
-      FullBar::wait(&ss.kv_full, 0);
-      const StepCtx c = ctx_of(0);
-      STensor tSrS = new_s();
-      STensor tSrdP = new_s();
-      FullBar::wait(&ss.q_full[0], 0);
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, 0), tSrS);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, 0), tSrdP);
-      stats(lse_r, ss.lse2[0]);
-      warpgroup_wait<1>();
-      make_p(tSrS, c);
-      stats(delta_r, ss.delta[0]);
-      warpgroup_wait<0>();
-      make_ds(tSrS, tSrdP, c, 0);
-      named_bar_sync(bar_ds, 128);  // the warpgroup's dS^T rows are all in smem
-    }
-    for (int step = 0; step + 1 < steps; ++step) {
-      const int st = step % STAGES;
-      const StepCtx c = ctx_of(step + 1);
-      STensor tSrS = new_s();
-      STensor tSrdP = new_s();
-      FullBar::wait(&ss.q_full[c.st], ((step + 1) / STAGES) & 1);
-      wg_gemm<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, c.st), tSrS);
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-      wg_gemm<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, c.st), tSrdP);
-      wg_gemm<false, false>(mma_kss, tKsdSt(_, _, _, step & 1), tKsQt(_, _, _, st), tdKrdK);
-      stats(lse_r, ss.lse2[c.st]);
-      warpgroup_wait<3>();  // S^T(j+1)
-      make_p(tSrS, c);
-      stats(delta_r, ss.delta[c.st]);
-      warpgroup_wait<1>();  // dV(j), dP^T(j+1)
-      make_ds(tSrS, tSrdP, c, (step + 1) & 1);
-      warpgroup_wait<0>();  // dK(j): stage j is free
-      EmptyBar::arrive(&ss.q_empty[st]);
-      named_bar_sync(bar_ds, 128);
-    }
-    if (steps > 0) {
-      const int st = (steps - 1) % STAGES;
-      wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
-      wg_gemm<false, false>(mma_kss, tKsdSt(_, _, _, (steps - 1) & 1), tKsQt(_, _, _, st),
-                            tdKrdK);
-      warpgroup_wait<0>();
-    }
-  } else {
   if (steps > 0) FullBar::wait(&ss.kv_full, 0);
   QueryStep at = walk.first(kh * p.hpk);
   for (int step = 0; step < steps; ++step, at = walk.next(at)) {
@@ -586,7 +432,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
   }
 
-  }  // the one-role loop
   if constexpr (Tr::kFuseDq) bulk_wait_all();  // staging tiles stay valid until read
 
   // ------------------------------------------------------------------ epilogue: dK, dV
