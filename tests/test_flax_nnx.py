@@ -68,8 +68,13 @@ def test_stock_mha_dropout_and_sown_weights():
     np.testing.assert_allclose(off, nnx.jit(reference_layer)(m, x), **TOL)
     on1, on2 = call(m, x, False), call(m, x, False)  # the kept rng stream advances
     assert np.abs(on1 - off).max() > 1e-3 and np.abs(on1 - on2).max() > 1e-3
-    y = nnx.jit(lambda m, x: m(x, deterministic=True, sow_weights=True))(m, x)
-    (w,) = jax.tree.leaves(nnx.state(m, nnx.Intermediate))
+    sown = lambda m, x: m(x, deterministic=True, sow_weights=True)  # noqa: E731
+    if hasattr(nnx, "capture"):  # newer flax: sowing outside nnx.capture is deprecated
+        y, intermediates = nnx.jit(nnx.capture(sown, nnx.Intermediate))(m, x)
+        (w,) = jax.tree.leaves(intermediates)
+    else:
+        y = nnx.jit(sown)(m, x)
+        (w,) = jax.tree.leaves(nnx.state(m, nnx.Intermediate))
     assert w.shape == (2, 2, 4, 4)
     np.testing.assert_allclose(w.sum(-1), 1.0, **TOL)
     np.testing.assert_allclose(y, off, **TOL)
