@@ -10,15 +10,15 @@ import re
 import sys
 
 ROWS = [  # (label, metric name regex)
-    ("duration (ms)", r"gpu__time_duration\.sum$"),
-    ("tensor pipe active (%)", r"sm__pipe_tensor_cycles_active\.avg\.pct_of_peak_sustained_elapsed$"),
-    ("issue slots busy (%)", r"sm__inst_issued\.avg\.pct_of_peak_sustained_elapsed$"),
-    ("L1/smem wavefronts, shared (%)",
+    ("duration", r"gpu__time_duration\.sum$"),
+    ("tensor pipe active", r"sm__pipe_tensor_cycles_active\.avg\.pct_of_peak_sustained_elapsed$"),
+    ("issue slots busy", r"sm__inst_issued\.avg\.pct_of_peak_sustained_elapsed$"),
+    ("L1/smem wavefronts, shared",
      r"l1tex__data_pipe_lsu_wavefronts_mem_shared\.sum\.pct_of_peak_sustained_elapsed$"),
-    ("smem bank reads (%)", r"l1tex__data_bank_reads\.avg\.pct_of_peak_sustained_elapsed$"),
-    ("smem bank writes (%)", r"l1tex__data_bank_writes\.avg\.pct_of_peak_sustained_elapsed$"),
-    ("shared loads (inst)", r"smsp__sass_inst_executed_op_shared_ld\.sum$"),
-    ("shared stores (inst)", r"smsp__sass_inst_executed_op_shared_st\.sum$"),
+    ("smem bank reads", r"l1tex__data_bank_reads\.avg\.pct_of_peak_sustained_elapsed$"),
+    ("smem bank writes", r"l1tex__data_bank_writes\.avg\.pct_of_peak_sustained_elapsed$"),
+    ("shared loads", r"smsp__sass_inst_executed_op_shared_ld\.sum$"),
+    ("shared stores", r"smsp__sass_inst_executed_op_shared_st\.sum$"),
 ]
 STALL = re.compile(r"smsp__pcsamp_warps_issue_stalled_([a-z_]+)$")
 
@@ -28,7 +28,7 @@ def load(path):
         rows = list(csv.reader(f))
     for i, r in enumerate(rows):
         if "Kernel Name" in r:  # header, units, then the (first) kernel's values
-            return dict(zip(r, rows[i + 2]))
+            return dict(zip(r, rows[i + 2])), dict(zip(r, rows[i + 1]))
     raise SystemExit(f"{path}: no 'Kernel Name' header (not an ncu --page raw --csv file)")
 
 
@@ -40,14 +40,17 @@ def num(s):
 
 
 def main(paths):
-    runs = [load(p) for p in paths]
+    loaded = [load(p) for p in paths]
+    runs, units = [r for r, _ in loaded], loaded[0][1]
     names = [os.path.basename(p).split("_raw")[0] for p in paths]
     print("| metric | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for label, pat in ROWS:
         key = next((k for k in runs[0] if re.search(pat, k)), None)
         if key:
-            print(f"| {label} | " + " | ".join(f"{num(r.get(key)) or 0:.4g}" for r in runs) + " |")
+            unit = f" ({units[key]})" if units.get(key) else ""
+            print(f"| {label}{unit} | " + " | ".join(f"{num(r.get(key)) or 0:.4g}" for r in runs)
+                  + " |")
     stalls = sorted({m.group(1) for k in runs[0] for m in [STALL.match(k)] if m
                      and not m.group(1).endswith("not_issued")})
     totals = [sum(num(r.get(f"smsp__pcsamp_warps_issue_stalled_{s}")) or 0 for s in stalls)
