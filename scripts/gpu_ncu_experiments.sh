@@ -12,10 +12,11 @@ REGEX=${3:?kernel name regex}
 D=${4:-128}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-JCA_EXP_ROUNDS=0 JCA_EXP_VARIANTS=0 bash "$REPO/scripts/gpu_experiments.sh" "$OUT" "$NAMES" | tail -5
+WORK=/tmp/jca_exp  # where gpu_experiments.sh installs each build (<name>/site)
+JCA_EXP_ROUNDS=0 bash "$REPO/scripts/gpu_experiments.sh" "$OUT" "$NAMES" | tail -5
 cd /tmp
 for name in $NAMES; do
-  PYTHONPATH=/tmp/jca_exp/$name/site timeout 200 ncu --clock-control none --set detailed \
+  PYTHONPATH=$WORK/$name/site timeout 200 ncu --clock-control none --set detailed \
       --kernel-name regex:"$REGEX" --launch-skip 1 --launch-count 1 -f -o "$OUT/$name" \
       $PY -P "$REPO/benchmarks/profile_kernels.py" "$D" > "$OUT/$name.log" 2>&1
   echo "ncu $name rc=$?"
