@@ -11,7 +11,7 @@
 # plain before/after change with no knob. A name may carry its own list: "diff@1,2,3".
 # Env: JCA_EXP_TESTS_K="pytest -k expression" (e.g. "sm90_paths or fwd_bwd_dims"; set but empty:
 # all of tests/gpu) runs tests/gpu against every build's non-zero variants before the timing
-# (logs OUTDIR/tests_<name>_<v>.log).
+# (logs OUTDIR/tests_<name>_<v>.log); JCA_EXP_TESTS_ON="name ..." limits them to those builds.
 # Env: JCA_EXP_REUSE=1 keeps the builds of an earlier call of this script in the same machine session
 # (a second timing pass with other arguments); JCA_EXP_ROUNDS (default 2) the ABAB rounds.
 # Env: JCA_EXP_SCRIPT=benchmarks/x.py times with that script (args as given) instead of
@@ -66,6 +66,7 @@ if [ -n "${JCA_EXP_TESTS_K+set}" ]; then
     [ -d "$WORK/$name/site" ] || continue
     for v in $(variants_of "$spec"); do
       [ "$v" = 0 ] && [ "$name" != tree ] && continue
+      [ -n "${JCA_EXP_TESTS_ON:-}" ] && [[ " $JCA_EXP_TESTS_ON " != *" $name "* ]] && continue
       PYTHONPATH="$WORK/$name/site" JCA_EXP=$v timeout 300 $PY -P -m pytest -q -x -p no:cacheprovider \
           --rootdir /tmp "$REPO/tests/gpu" -k "$JCA_EXP_TESTS_K" > "$OUT/tests_${name}_$v.log" 2>&1
       echo "tests $name JCA_EXP=$v rc=$?: $(tail -1 "$OUT/tests_${name}_$v.log")"
