@@ -95,7 +95,7 @@ def make_fn(path, mode, causal):
         def fb(q, k, v, do):
             sc = jnp.full((q.shape[2],), SCALE, jnp.float32)
             o, lse = _cuda.fwd(q, k, v, sc, None, None, None, None, causal=causal, groups=1,
-                               bounded=True, sm90=path == "kernel")
+                               bounded=True, sm90=path != "kernel_sm80")
             return _cuda.bwd(do, q, k, v, o, lse, sc, None, None, None, None, causal=causal,
                              groups=1, bounded=True, need_dbias=False,
                              deterministic=False, sm90=path != "kernel_sm80",

@@ -23,10 +23,8 @@ so=$(ls "$BUILD"/_jca_cuda*.so)
 if grep -q "Registers are spilled" "$BUILD.build.log"; then
   echo "ci_cuda_compile: WARNING register spills (see above)"
 fi
-# The sm_90a kernels must not spill (issue 4's SASS check); the opt-in fused-dQ dK/dV kernel
-# (BwdDkvTraits<..., FuseDq = true>) is the one known exception.
-sm90_spills=$(grep "Registers are spilled" "$BUILD.build.log" | grep "jca4sm90" \
-  | grep -Ev "BwdDkvTraitsILi[0-9]+E(13__nv_bfloat16|6__half)Lb1EE" || true)
+# The sm_90a kernels must not spill (issue 4's SASS check), the opt-in fused-dQ one included.
+sm90_spills=$(grep "Registers are spilled" "$BUILD.build.log" | grep "jca4sm90" || true)
 if [ -n "$sm90_spills" ]; then
   echo "ci_cuda_compile: sm_90a kernels spill:"; echo "$sm90_spills"; exit 1
 fi

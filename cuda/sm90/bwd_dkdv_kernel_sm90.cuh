@@ -304,9 +304,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // Where the registers allow (64-query steps, D = 128), this thread's lse2 and delta values
     // (one per accumulator column; repeated columns share a load) are read while the products
     // run: read after the waits, the first exponentials stalled on them every step (ncu: 14 % of
-    // the warp samples). The 128-query steps at D = 64 would spill 500+ bytes.
+    // the warp samples). The 128-query steps at D = 64 would spill 500+ bytes, and FuseDq's dQ
+    // accumulators leave no room for them (with them it spilled in the loop; without, -5 %).
     constexpr int kAcc = decltype(size(tSrS))::value;
-    constexpr bool kStatsInRegs = kAcc <= 32;
+    constexpr bool kStatsInRegs = kAcc <= 32 && !Tr::kFuseDq;
     // With 128-query steps the packed P^T, born while S^T and dP^T are live, pushed the peak past
     // the register budget (spills): there P^T is packed next to dS^T, as S^T dies.
     constexpr bool kPackPLate = !kStatsInRegs;
@@ -375,12 +376,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             dds[i / 2] = MmaOp<T>::pack(dsv[0] * sc, dsv[1] * sc);
           else
             dds[i / 2] = MmaOp<T>::pack(dsv[0], dsv[1]);
-          if constexpr (Tr::kFuseDq)  // dq_acc is unscaled
+          // dq_acc is unscaled: per pair here where dK's dS^T is scaled, else by stmatrix below
+          if constexpr (Tr::kFuseDq && decltype(scaled)::value)
             *reinterpret_cast<uint32_t*>(&tSsdS(i)) = MmaOp<T>::pack(dsv[0], dsv[1]);
         }
       };
       if (one_scale) make_ds(BoolC<false>{});
       else make_ds(BoolC<true>{});
+      if constexpr (Tr::kFuseDq) {
+        if (one_scale) {  // the packed dS^T as it is: 4 stmatrix.x4 instead of 16 st.shared
+          auto stsm = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+          auto thr_stsm = stsm.get_thread_slice(ctid);
+          copy(stsm, thr_stsm.retile_S(rdS), thr_stsm.partition_D(sdSt(_, _, step & 1)));
+        }
+      }
     }
     if constexpr (Tr::kFuseDq) cutlass::arch::fence_view_async_shared();  // dS -> wgmma
     wg_gemm<false, true>(mma_kv, tKVrP, tVrdOt(_, _, _, st), tdVrdV);
