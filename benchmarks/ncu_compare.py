@@ -1,5 +1,6 @@
 """Side by side: warp-stall samples and pipe / shared-memory utilisation of one kernel profiled in
-several builds (the <name>_raw.csv files of scripts/gpu_ncu_experiments.sh, optionally gzipped).
+several builds or paths (the <name>_raw.csv[.gz] files of scripts/ncu_profile.sh, which
+scripts/gpu_ncu_experiments.sh, gpu_ncu_backward.sh and gpu_ncu_cudnn.sh call).
 
   python benchmarks/ncu_compare.py results/.../tree_raw.csv.gz results/.../other_raw.csv.gz
 """

@@ -12,13 +12,7 @@ JCA_EXP_ROUNDS=0 bash "$REPO/scripts/gpu_experiments.sh" "$OUT" tree | tail -3
 cd /tmp
 for path in $PATHS; do
   regex=dkdv_kernel; [ "$path" = cudnn ] && regex=flash_bprop
-  name=${path}_d${D}_n$N
-  PYTHONPATH=/tmp/jca_exp/tree/site timeout 240 ncu --clock-control none --set detailed \
-      --kernel-name regex:"$regex" --launch-skip 1 --launch-count 1 -f -o "$OUT/$name" \
-      $PY -P "$REPO/benchmarks/profile_kernels.py" "$D" "$path" "$N" > "$OUT/$name.log" 2>&1
-  echo "ncu $name rc=$?"
-  ncu --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt" 2>&1
-  ncu --import "$OUT/$name.ncu-rep" --page raw --csv 2>&1 | gzip > "$OUT/${name}_raw.csv.gz"
-  grep -E "Duration|SM Frequency|Throughput|Hit Rate" "$OUT/${name}_details.txt" | head -12
-  rm -f "$OUT/$name.ncu-rep"
+  PYTHONPATH=/tmp/jca_exp/tree/site bash "$REPO/scripts/ncu_profile.sh" "$OUT" \
+      "${path}_d${D}_n$N" "$regex" 1 1 "Duration|SM Frequency|Throughput|Hit Rate" \
+      -- $PY -P "$REPO/benchmarks/profile_kernels.py" "$D" "$path" "$N"
 done

@@ -3,8 +3,8 @@
 # scripts/gpu_experiments.sh: "tree", experiment diffs, "a+b"), built side by side in one device
 # call; benchmarks/profile_kernels.py D runs the raw fwd + bwd (B4 H16 N4096, non-causal).
 # Usage: scripts/gpu_ncu_experiments.sh OUTDIR "name1 name2 ..." KERNEL_REGEX [D]
-# Writes OUTDIR/<name>_details.txt (the details page) and <name>_raw.csv (every metric) and
-# prints each build's throughput lines; the .ncu-rep reports are not kept (size).
+# Writes OUTDIR/<name>_details.txt and <name>_raw.csv.gz (scripts/ncu_profile.sh) and prints each
+# build's throughput lines.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/gpu_ncu_experiments.sh OUTDIR NAMES REGEX [D]}")
 NAMES=${2:?experiment names}
@@ -16,12 +16,6 @@ WORK=/tmp/jca_exp  # where gpu_experiments.sh installs each build (<name>/site)
 JCA_EXP_ROUNDS=0 bash "$REPO/scripts/gpu_experiments.sh" "$OUT" "$NAMES" | tail -5
 cd /tmp
 for name in $NAMES; do
-  PYTHONPATH=$WORK/$name/site timeout 200 ncu --clock-control none --set detailed \
-      --kernel-name regex:"$REGEX" --launch-skip 1 --launch-count 1 -f -o "$OUT/$name" \
-      $PY -P "$REPO/benchmarks/profile_kernels.py" "$D" > "$OUT/$name.log" 2>&1
-  echo "ncu $name rc=$?"
-  ncu --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt" 2>&1
-  ncu --import "$OUT/$name.ncu-rep" --page raw --csv > "$OUT/${name}_raw.csv" 2>&1
-  grep -E "Duration|Throughput|Busy|Issue Slots" "$OUT/${name}_details.txt" | head -12
-  rm -f "$OUT/$name.ncu-rep"
+  PYTHONPATH=$WORK/$name/site bash "$REPO/scripts/ncu_profile.sh" "$OUT" "$name" "$REGEX" 1 1 \
+      "Duration|Throughput|Busy|Issue Slots" -- $PY -P "$REPO/benchmarks/profile_kernels.py" "$D"
 done
